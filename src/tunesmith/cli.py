@@ -1,0 +1,107 @@
+"""`tunesmith <command> [config.yaml] [key=value ...] [--key value ...]`.
+
+Imports stay lazy so `tunesmith --help` answers instantly; each command lives in its own module with a
+`run(cfg, extras)` function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass, field
+
+USAGE = """usage: tunesmith <command> [config.yaml] [key=value ...] [--key value ...]
+
+commands:
+  train     fine-tune a model (stages pt, sft) with lora, freeze or full tuning
+  data      load, validate and tokenize the configured datasets and show what the model will see
+  version   print the version
+
+Run `tunesmith <command> --help` for every setting the command accepts.
+"""
+
+
+@dataclass
+class Command:
+    module: str
+    groups: list[str]
+    summary: str
+    # Command-line-only switches that are not config fields: name -> takes a value?
+    extras: dict[str, bool] = field(default_factory=dict)
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("tunesmith.train.recipe", ["model", "data", "finetuning", "training", "generation"],
+                     "Fine-tune a model."),
+    "data": Command("tunesmith.data.inspect", ["model", "data", "finetuning"],
+                    "Load, validate and tokenize datasets; print a summary and one rendered example.",
+                    {"dump": True}),
+}
+
+
+def split_extras(argv: list[str], extras: dict[str, bool]) -> tuple[list[str], dict[str, str | bool]]:
+    rest, found = [], {}
+    i = 0
+    while i < len(argv):
+        name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
+        if name in extras:
+            if "=" in argv[i]:
+                found[name] = argv[i].split("=", 1)[1]
+            elif extras[name]:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"error: --{name} needs a value")
+                found[name] = argv[i + 1]
+                i += 1
+            else:
+                found[name] = True
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, found
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in ("version", "--version", "-V"):
+        from tunesmith import __version__
+
+        print(f"tunesmith {__version__}")
+        return 0
+    if name not in COMMANDS:
+        print(f"error: unknown command `{name}`\n\n{USAGE}", file=sys.stderr)
+        return 2
+    command = COMMANDS[name]
+    if "-h" in rest or "--help" in rest:
+        from tunesmith.config.help import group_help
+
+        extras = "".join(f"\n  --{e}{' VALUE' if v else ''}" for e, v in command.extras.items())
+        print(f"usage: tunesmith {name} [config.yaml] [key=value ...] [--key value ...]\n\n{command.summary}"
+              + (f"\n\ncommand options:{extras}" if extras else "") + group_help(command.groups))
+        return 0
+    from tunesmith.config import ConfigError, load_config
+    from tunesmith.data.errors import DataError
+
+    try:
+        rest, extras = split_extras(rest, command.extras)
+        cfg = load_config(rest)
+        module = importlib.import_module(command.module)
+        return int(module.run(cfg, extras) or 0)
+    except ConfigError as err:
+        print(f"error: the config has {len(err.problems)} problem(s):", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The typed config: every setting tunesmith knows, its type, default and help, written once.
+
+YAML files, `key=value` overrides, `--flag value` arguments and `--help` text are all derived from these
+dataclasses. Keys are flat (as in LLaMA-Factory): each key lives in exactly one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArgs:
+    """Which model, adapters and chat template to use."""
+
+    model_name_or_path: str | None = opt(None, "Base model: a local folder (or a hub id when online).")
+    adapter_name_or_path: str | None = opt(
+        None, "LoRA adapter folder(s) to load on top of the base model, comma separated, applied in order."
+    )
+    template: str = opt(
+        "auto",
+        "Chat template: `auto` uses the tokenizer's own jinja template; or a named one "
+        "(default, vanilla, empty, alpaca, chatml, llama3, qwen); or a path to a .jinja file.",
+    )
+    default_system: str | None = opt(None, "System prompt used when a sample has none.")
+    trust_remote_code: bool = opt(False, "Allow model code shipped in the model folder to run.")
+    model_revision: str = opt("main", "Model revision (branch, tag or commit) when loading from a hub.")
+    cache_dir: str | None = opt(None, "Where downloaded models are cached (hub models only).")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
+        "auto", "Attention kernel; `auto` picks sdpa (padding-free capable) unless flash-attn is installed."
+    )
+    infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
+    )
+    infer_backend: Literal["hf", "vllm"] = opt("hf", "Generation engine for predict/chat/serve.")
+
+
+@dataclass
+class DataArgs:
+    """Where the data comes from and how it becomes token ids."""
+
+    dataset: str | None = opt(None, "Training dataset name(s) from dataset_info.json, comma separated.")
+    eval_dataset: str | None = opt(None, "Evaluation dataset name(s), comma separated (instead of val_size).")
+    dataset_dir: str = opt("data", "Folder holding dataset_info.json and the dataset files.")
+    cutoff_len: int = opt(2048, "Longest rendered token sequence; longer samples are truncated or dropped.")
+    truncation: Literal["truncate", "drop"] = opt(
+        "truncate", "Over-long samples: `truncate` keeps whole turns that fit (cutting content, never the "
+        "end-of-turn token or headers); `drop` skips them. Both are counted in the log."
+    )
+    max_samples: int | None = opt(None, "Use at most this many rows of each dataset (the first ones).")
+    val_size: float = opt(0.0, "Held-out share (< 1) or count (>= 1) of the training data, split with `seed`.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = opt(
+        "concat", "How several datasets combine: concatenated, or interleaved until the shortest "
+        "(under) or longest (over) is used up."
+    )
+    interleave_probs: str | None = opt(None, "Sampling weights for interleaving, comma separated.")
+    train_on_prompt: bool = opt(False, "Also compute the loss on prompt tokens (system, user, tool output).")
+    mask_history: bool = opt(False, "Train only on the last assistant turn of each conversation.")
+    packing: bool = opt(
+        False, "Pack several samples into rows of up to cutoff_len tokens (attention stays within each "
+        "sample). Without it each batch is still padding-free."
+    )
+    on_bad_row: Literal["error", "skip"] = opt(
+        "error", "A malformed row stops the run with its location (`error`) or is skipped and counted (`skip`)."
+    )
+    overwrite_cache: bool = opt(False, "Rebuild the tokenized dataset cache.")
+    data_cache_dir: str | None = opt(None, "Tokenized dataset cache; default ~/.cache/tunesmith/data.")
+    preprocessing_num_workers: int | None = opt(None, "Accepted for compatibility; tokenization runs in-process.")
+
+
+@dataclass
+class FinetuningArgs:
+    """What is trained and how."""
+
+    stage: Literal["pt", "sft", "rm", "dpo"] = opt("sft", "Training stage: pre-training or supervised tuning.")
+    finetuning_type: Literal["lora", "freeze", "full"] = opt("lora", "Which parameters train.")
+    lora_target: str = opt(
+        "all", "Modules that get LoRA: comma separated names (q_proj,v_proj) or `all` (every linear layer but "
+        "the output head)."
+    )
+    lora_rank: int = opt(8, "LoRA rank.")
+    lora_alpha: int | None = opt(None, "LoRA scale numerator; default 2 x lora_rank.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    additional_target: str | None = opt(
+        None, "Extra modules trained in full and saved with the adapter, comma separated (e.g. embed_tokens)."
+    )
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
+    freeze_trainable_layers: int = opt(
+        2, "Freeze tuning: train the last N layers (N > 0) or the first -N layers (N < 0)."
+    )
+    freeze_trainable_modules: str = opt(
+        "all", "Freeze tuning: which modules of the trainable layers train (comma list, or `all`)."
+    )
+    freeze_extra_modules: str | None = opt(
+        None, "Freeze tuning: extra non-layer modules that train too (e.g. embed_tokens,norm)."
+    )
+    plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+
+
+@dataclass
+class TrainingArgs:
+    """The optimisation loop, its schedule and where results go."""
+
+    output_dir: str | None = opt(None, "Where checkpoints, logs and the final model go.")
+    overwrite_output_dir: bool = opt(False, "Allow writing into a non-empty output_dir that has no checkpoint.")
+    do_train: bool = opt(True, "Train (classic flag; `tunesmith train` trains unless do_train is false).")
+    do_eval: bool = opt(False, "Evaluate on the eval split after training.")
+    do_predict: bool = opt(False, "Generate predictions on the dataset (see `tunesmith predict`).")
+    per_device_train_batch_size: int = opt(8, "Samples per micro-batch per device.")
+    per_device_eval_batch_size: int = opt(8, "Samples per evaluation batch per device.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    num_train_epochs: float = opt(3.0, "Epochs to train (fractions allowed); ignored when max_steps > 0.")
+    max_steps: int = opt(-1, "Optimizer steps to train; overrides num_train_epochs when > 0.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
+    ] = opt("linear", "Learning-rate schedule after warm-up.")
+    lr_scheduler_kwargs: dict = opt({}, "Extra schedule settings, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.")
+    warmup_ratio: float = opt(0.0, "Warm-up as a share of all optimizer steps.")
+    warmup_steps: int = opt(0, "Warm-up steps (wins over warmup_ratio when > 0).")
+    weight_decay: float = opt(0.0, "Decoupled weight decay (not applied to biases and norms).")
+    adam_beta1: float = opt(0.9, "Adam beta1.")
+    adam_beta2: float = opt(0.999, "Adam beta2.")
+    adam_epsilon: float = opt(1e-8, "Adam epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value (0 disables clipping).")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "sgd"] = opt("adamw_torch", "Optimizer.")
+    seed: int = opt(42, "Seed for initialisation, shuffling, splits and dropout.")
+    bf16: bool = opt(False, "bfloat16 autocast (CPUs with AMX and recent GPUs run it much faster).")
+    fp16: bool = opt(False, "float16 autocast with loss scaling (CUDA GPUs only).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    torch_compile: bool = opt(False, "Compile the model with torch.compile.")
+    logging_steps: int = opt(10, "Log every N optimizer steps.")
+    eval_strategy: Literal["no", "steps", "epoch"] = opt("no", "When to evaluate during training.")
+    eval_steps: int | None = opt(None, "Evaluate every N steps (default: logging_steps).")
+    save_strategy: Literal["no", "steps", "epoch"] = opt("steps", "When to save checkpoints.")
+    save_steps: int = opt(500, "Save a checkpoint every N steps.")
+    save_total_limit: int | None = opt(None, "Keep at most N checkpoints (the best one is never removed).")
+    load_best_model_at_end: bool = opt(False, "Finish with the best checkpoint by metric_for_best_model.")
+    metric_for_best_model: str = opt("eval_loss", "Metric that picks the best checkpoint.")
+    greater_is_better: bool | None = opt(None, "Whether a larger metric is better (default: not for losses).")
+    resume_from_checkpoint: str | None = opt(
+        None, "Checkpoint folder to resume from; by default the last checkpoint in output_dir is resumed."
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = opt("none", "Experiment tracker.")
+    run_name: str | None = opt(None, "Run name for the tracker.")
+    logging_dir: str | None = opt(None, "TensorBoard folder (default: output_dir/runs).")
+    dataloader_num_workers: int = opt(0, "Accepted for compatibility; batches are built in-process.")
+    ddp_timeout: int = opt(1800, "Seconds a rank waits for the others before failing.")
+    disable_tqdm: bool = opt(False, "Hide the progress bar.")
+
+
+@dataclass
+class GenerationArgs:
+    """Decoding settings shared by predict, chat and serve."""
+
+    predict_with_generate: bool = opt(False, "Generate text when predicting (sft only).")
+    max_new_tokens: int = opt(512, "Most tokens generated per answer.")
+    do_sample: bool = opt(False, "Sample instead of greedy decoding (greedy keeps predictions repeatable).")
+    temperature: float = opt(0.95, "Sampling temperature.")
+    top_p: float = opt(0.7, "Nucleus sampling probability mass.")
+    top_k: int = opt(50, "Sample among the k most likely tokens.")
+    num_beams: int = opt(1, "Beam search width (1 = no beam search).")
+    repetition_penalty: float = opt(1.0, "Penalty for repeated tokens (1 = none).")
+
+
+@dataclass
+class EvalArgs:
+    """Multiple-choice benchmarks (`tunesmith eval`)."""
+
+    task: str | None = opt(None, "mmlu, ceval, cmmlu, a task folder under task_dir, or `<task>_<split>`.")
+    task_dir: str = opt("evaluation", "Folder holding the task folders.")
+    split: str = opt("validation", "Split to score: validation (alias val), test or dev.")
+    lang: Literal["en", "zh"] = opt("en", "Prompt wording.")
+    n_shot: int = opt(5, "Solved examples from the dev split placed before each question.")
+    batch_size: int = opt(4, "Questions per forward pass.")
+    save_dir: str | None = opt(None, "Where results.json, results.log and per-question lines go.")
+
+
+@dataclass
+class ExportArgs:
+    """Merging and writing a standalone model (`tunesmith export`)."""
+
+    export_dir: str | None = opt(None, "Folder the exported model is written to.")
+    export_size: float = opt(5.0, "Largest shard in GB (decimal, 1 GB = 10^9 bytes).")
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of the exported weights; `auto` keeps the base model's."
+    )
+    export_legacy_format: bool = opt(False, "Write pytorch_model*.bin (pickle) instead of safetensors.")
+    export_device: Literal["cpu", "auto"] = opt("cpu", "Device used for merging.")
+
+
+@dataclass
+class ServeArgs:
+    """The OpenAI-compatible server (`tunesmith serve`)."""
+
+    host: str = opt("127.0.0.1", "Address to listen on.")
+    port: int = opt(8000, "Port to listen on.")
+    api_key: str | None = opt(None, "Bearer token clients must send (the API_KEY environment variable also works).")
+    api_model_name: str | None = opt(None, "Model name reported by /v1/models.")
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "finetuning": FinetuningArgs,
+    "training": TrainingArgs,
+    "generation": GenerationArgs,
+    "eval": EvalArgs,
+    "export": ExportArgs,
+    "serve": ServeArgs,
+}
+
+
+@dataclass
+class Config:
+    """The whole config; `cfg.training.learning_rate` etc."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
+    training: TrainingArgs = field(default_factory=TrainingArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    export: ExportArgs = field(default_factory=ExportArgs)
+    serve: ServeArgs = field(default_factory=ServeArgs)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name in GROUPS:
+            flat.update(vars(getattr(self, name)))
+        return flat
+
+
+# Old or alternative spellings that mean exactly the same key.
+ALIASES: dict[str, str] = {
+    "evaluation_strategy": "eval_strategy",
+    "checkpoint_dir": "adapter_name_or_path",
+    "neat_packing": "packing",
+    "tokenized_path": "data_cache_dir",
+    "eval_batch_size": "batch_size",
+    "flash_attn": "attn_implementation",
+}
+
+# Values of aliased keys that are spelled differently in LLaMA-Factory.
+ALIAS_VALUES: dict[str, dict[Any, Any]] = {
+    "flash_attn": {"auto": "auto", "disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2"},
+}
+
+# LLaMA-Factory keys that tunesmith does not implement yet: a clear error, never silence.
+NOT_SUPPORTED: dict[str, str] = {
+    "quantization_bit": "QLoRA / quantized loading is not supported yet",
+    "quantization_method": "quantized loading is not supported yet",
+    "double_quantization": "quantized loading is not supported yet",
+    "rope_scaling": "RoPE scaling overrides are not supported yet",
+    "shift_attn": "shift short attention is not supported",
+    "use_unsloth": "unsloth kernels are not supported",
+    "enable_liger_kernel": "liger kernels are not supported yet",
+    "streaming": "streaming datasets are not supported yet",
+    "deepspeed": "DeepSpeed is not supported yet (see the multi-process issue)",
+    "use_galore": "GaLore is not supported",
+    "use_badam": "BAdam is not supported",
+    "use_apollo": "APOLLO is not supported",
+    "use_llama_pro": "LLaMA Pro is not supported",
+    "pissa_init": "PiSSA initialisation is not supported yet",
+    "loraplus_lr_ratio": "LoRA+ is not supported yet",
+    "pref_beta": "preference training (rm/dpo) is not supported yet",
+    "pref_loss": "preference training (rm/dpo) is not supported yet",
+    "pref_ftx": "preference training (rm/dpo) is not supported yet",
+    "export_quantization_bit": "quantized export is not supported yet",
+    "export_hub_model_id": "pushing to a hub is not supported (offline tool)",
+    "push_to_hub": "pushing to a hub is not supported (offline tool)",
+    "image_max_pixels": "multimodal models are not supported yet",
+    "video_max_pixels": "multimodal models are not supported yet",
+    "freeze_vision_tower": "multimodal models are not supported yet",
+    "resize_vocab": "vocabulary resizing is not supported yet",
+    "new_special_tokens": "adding special tokens is not supported yet",
+}
+
+# Keys LLaMA-Factory (or transformers' TrainingArguments) accept that have no effect here; accepted quietly
+# because they describe the environment rather than the job.
+IGNORED: set[str] = {"ddp_find_unused_parameters", "save_only_model", "dataloader_pin_memory", "logging_first_step",
+                     "remove_unused_columns", "include_num_input_tokens_seen", "use_fast_tokenizer", "print_param_status"}

@@ -1,0 +1,1 @@
+"""Datasets: registry -> readers -> record formats -> conversations -> template rendering -> encoded samples -> batches."""

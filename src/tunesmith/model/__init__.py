@@ -1,0 +1,1 @@
+"""Loading tokenizers and models, attaching adapters."""
