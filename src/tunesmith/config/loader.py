@@ -6,7 +6,6 @@ Every problem is collected and reported at once as a ConfigError; nothing here l
 from __future__ import annotations
 
 import difflib
-import json
 import types
 import typing
 from dataclasses import fields
@@ -122,8 +121,8 @@ def coerce(value: Any, tp: Any, from_text: bool) -> Any:
             return value
         if isinstance(value, str):
             try:
-                parsed = json.loads(value) if value.strip().startswith("{") else yaml.safe_load(value)
-            except (json.JSONDecodeError, yaml.YAMLError):
+                parsed = yaml.safe_load(value)  # YAML flow style also reads JSON
+            except yaml.YAMLError:
                 parsed = None
             if isinstance(parsed, dict):
                 return parsed

@@ -1,0 +1,58 @@
+"""Load a causal LM for training or inference, and the template saved with a trained model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import Config
+from tunesmith.data.errors import DataError
+
+log = logging.getLogger("tunesmith.model")
+TEMPLATE_FILE = "tunesmith_template.json"
+
+
+def _attn(cfg: Config) -> str:
+    if cfg.model.attn_implementation != "auto":
+        return cfg.model.attn_implementation
+    return "sdpa"
+
+
+def load_model(cfg: Config, dtype: Any, for_training: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = cfg.model.model_name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
+            cache_dir=cfg.model.cache_dir, attn_implementation=_attn(cfg))
+    except (OSError, ValueError) as err:
+        raise DataError(f"could not load a model from `{path}`: {str(err).splitlines()[0]}",
+                        fix="point `model_name_or_path` at a model folder (config.json and weights)",
+                        reason="missing model") from None
+    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+        raise DataError(f"`{path}` is a quantized model; tunesmith does not train or merge quantized weights yet",
+                        fix="use the unquantized base model", reason="quantized model")
+    if for_training:
+        model.config.use_cache = False
+    else:
+        model.eval()
+    torch.set_grad_enabled(for_training)
+    return model
+
+
+def save_template_info(out_dir: Path, template: Any) -> None:
+    if template is None:
+        return
+    info = {"name": template.name, "stop": template.stop, "default_system": template.default_system}
+    (out_dir / TEMPLATE_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+def saved_template_name(folder: str | None) -> dict[str, Any] | None:
+    """The template a tunesmith-trained adapter or model was trained with, if recorded."""
+    if folder and (Path(folder) / TEMPLATE_FILE).is_file():
+        return json.loads((Path(folder) / TEMPLATE_FILE).read_text())
+    return None

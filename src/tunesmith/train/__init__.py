@@ -1,0 +1,1 @@
+"""The training loop (one), its losses, checkpoints, logs and plots."""

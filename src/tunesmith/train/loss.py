@@ -1,0 +1,29 @@
+"""The causal-LM loss, computed only where there is something to predict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.batching import IGNORE, Batch
+
+
+def token_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over supervised positions, and their count.
+
+    The output head runs only on supervised positions (`logits_to_keep` with their indices), so prompt tokens
+    and a large vocabulary cost neither time nor memory; the loss itself is computed in fp32.
+    """
+    supervised = batch.targets != IGNORE
+    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:  # nothing to learn here; still run the model so every parameter joins the graph
+        keep = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
+                use_cache=False, logits_to_keep=keep)
+    logits = out.logits.float()                      # [rows, len(keep), vocab]
+    targets = batch.targets[:, keep]                 # [rows, len(keep)]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, int(supervised.sum())

@@ -1,0 +1,243 @@
+"""`tunesmith train`: setup -> train -> save, in one readable loop (stages pt and sft).
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. The loss is the sum of token cross-entropies
+divided by the number of supervised tokens in the whole accumulated batch (across all ranks), so batch 4 x
+accumulation 1 and batch 2 x accumulation 2 give the same gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config, config_to_yaml
+from tunesmith.config.loader import ConfigError
+from tunesmith.config.validate import validate_for_train
+from tunesmith.data.batching import collate
+from tunesmith.train import checkpoint as ckpt
+from tunesmith.train.logger import TrainLogger, plot_losses, write_results
+from tunesmith.train.loss import token_loss_sum
+from tunesmith.train.setup import Setup, build_setup
+
+log = logging.getLogger("tunesmith.train")
+
+
+def find_resume_point(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a user's folder."""
+    t = cfg.training
+    out = Path(t.output_dir)  # type: ignore[arg-type]
+    if t.resume_from_checkpoint:
+        path = Path(t.resume_from_checkpoint)
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ConfigError([f"`resume_from_checkpoint`: {path} is not a complete tunesmith checkpoint"])
+        return path
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if t.overwrite_output_dir:
+        return None
+    checkpoints = ckpt.list_checkpoints(out)
+    if checkpoints:
+        return checkpoints[-1]
+    raise ConfigError([f"output_dir `{out}` is not empty and holds no checkpoint to resume from; set "
+                       "`overwrite_output_dir: true` to write into it anyway, or choose another folder"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, s: Setup):
+        self.cfg, self.s = cfg, s
+        t = cfg.training
+        self.accum = t.gradient_accumulation_steps
+        self.out = Path(t.output_dir)  # type: ignore[arg-type]
+        self.total_steps = s.total_steps
+        self.eval_every = t.eval_steps or t.logging_steps
+        self.state = ckpt.TrainerState()
+        self.window = {"loss": 0.0, "tokens": 0, "time": time.time(), "all_tokens": 0}
+        self.run_loss = {"loss": 0.0, "tokens": 0}
+        self.logger: TrainLogger | None = None
+
+    # ---------------------------------------------------------------- one optimizer step
+    def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, float]:
+        s, acc = self.s, self.s.accelerator
+        batches = [collate(s.data.train, units, s.padding_free, s.pad_id).to(acc.device) for units in window]
+        n_global = int(acc.reduce(torch.tensor(sum(b.n_targets for b in batches), device=acc.device), "sum"))
+        s.model.train()
+        loss_sum = torch.zeros((), device=acc.device)
+        for k, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if k == len(batches) - 1 else acc.no_sync(s.model)
+            with sync, acc.autocast():
+                loss, _ = token_loss_sum(s.model, batch)
+                # DDP averages gradients over ranks; scaling by world size turns that into a global token mean.
+                acc.backward(loss * acc.num_processes / max(n_global, 1))
+            loss_sum += loss.detach()
+        max_norm = self.cfg.training.max_grad_norm
+        grad_norm = acc.clip_grad_norm_(s.trainable, max_norm if max_norm > 0 else float("inf"))
+        s.optimizer.step()
+        s.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        all_tokens = sum(int(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum())
+                         for b in batches)
+        return {"loss_sum": float(acc.reduce(loss_sum, "sum")), "tokens": n_global,
+                "grad_norm": float(grad_norm), "all_tokens": all_tokens * acc.num_processes}
+
+    # ---------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        s, acc = self.s, self.s.accelerator
+        s.model.eval()
+        total = torch.zeros((), device=acc.device, dtype=torch.float64)
+        count = torch.zeros((), device=acc.device, dtype=torch.float64)
+        for units in s.eval_plan.micro_batches(0):  # type: ignore[union-attr]
+            if not units:
+                continue
+            batch = collate(s.data.eval, units, s.padding_free, s.pad_id).to(acc.device)  # type: ignore[arg-type]
+            with acc.autocast():
+                loss, n = token_loss_sum(s.model, batch)
+            total += loss.double()
+            count += n
+        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        s.model.train()
+        return {"eval_loss": float(total / count.clamp(min=1))}
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> dict[str, Any]:
+        st, plan, started = self.state, self.s.plan, time.time()
+        self.logger = TrainLogger(self.cfg, self.total_steps, self.s.accelerator.is_main_process)
+        self.logger.resume_at(st.global_step)
+        steps_run = 0
+        while st.global_step < self.total_steps:
+            batches = plan.micro_batches(st.epoch)
+            windows = [batches[i : i + self.accum] for i in range(0, len(batches), self.accum)]
+            for window in windows[st.batches_done_in_epoch // self.accum :]:
+                metrics = self.optimizer_step(window)
+                st.global_step += 1
+                steps_run += 1
+                st.batches_done_in_epoch += len(window)
+                epoch_done = st.batches_done_in_epoch >= len(batches)
+                if epoch_done:
+                    st.epoch, st.batches_done_in_epoch = st.epoch + 1, 0
+                self.after_step(metrics, epoch_done)
+                if st.global_step >= self.total_steps:
+                    break
+        self.logger.close()
+        runtime = time.time() - started
+        return {"epoch": round(self.epoch_float(), 4),
+                "train_loss": self.run_loss["loss"] / max(self.run_loss["tokens"], 1),
+                "train_runtime": round(runtime, 3), "train_steps_per_second": round(steps_run / runtime, 3),
+                "train_supervised_tokens_per_second": round(self.run_loss["tokens"] / runtime, 1)}
+
+    def epoch_float(self) -> float:
+        n = len(self.s.plan)
+        return self.state.epoch + self.state.batches_done_in_epoch / max(n, 1)
+
+    def after_step(self, metrics: dict[str, float], epoch_done: bool) -> None:
+        st, t = self.state, self.cfg.training
+        w = self.window
+        w["loss"] += metrics["loss_sum"]
+        w["tokens"] += metrics["tokens"]
+        w["all_tokens"] += metrics["all_tokens"]
+        self.run_loss["loss"] += metrics["loss_sum"]
+        self.run_loss["tokens"] += metrics["tokens"]
+        lr = self.s.scheduler.get_last_lr()[0]
+        self.logger.advance(st.global_step, metrics["loss_sum"] / max(metrics["tokens"], 1), lr)  # type: ignore
+        last = st.global_step >= self.total_steps
+        if st.global_step % t.logging_steps == 0 or last:
+            elapsed = max(time.time() - w["time"], 1e-9)
+            entry = {"loss": round(w["loss"] / max(w["tokens"], 1), 6), "lr": lr, "epoch": round(self.epoch_float(), 4),
+                     "grad_norm": round(metrics["grad_norm"], 6),
+                     "supervised_tokens_per_s": round(w["tokens"] / elapsed, 1),
+                     "tokens_per_s": round(w["all_tokens"] / elapsed, 1)}
+            st.log_history.append(self.logger.record(entry, st.global_step))  # type: ignore[union-attr]
+            self.window = {"loss": 0.0, "tokens": 0, "time": time.time(), "all_tokens": 0}
+        evaluated = None
+        if self.s.eval_plan is not None and ((t.eval_strategy == "steps" and st.global_step % self.eval_every == 0)
+                                             or (t.eval_strategy == "epoch" and epoch_done)):
+            evaluated = self.evaluate()
+            entry = {**{k: round(v, 6) for k, v in evaluated.items()}, "epoch": round(self.epoch_float(), 4)}
+            st.log_history.append(self.logger.record(entry, st.global_step))  # type: ignore[union-attr]
+        if (t.save_strategy == "steps" and st.global_step % t.save_steps == 0) or \
+                (t.save_strategy == "epoch" and epoch_done):
+            self.save_checkpoint(evaluated)
+
+    def save_checkpoint(self, evaluated: dict[str, float] | None) -> None:
+        st, t, s = self.state, self.cfg.training, self.s
+        name = f"checkpoint-{st.global_step}"
+        if evaluated and t.metric_for_best_model in evaluated:
+            value = evaluated[t.metric_for_best_model]
+            greater = t.greater_is_better if t.greater_is_better is not None else not t.metric_for_best_model.endswith("loss")
+            if st.best_metric is None or (value > st.best_metric if greater else value < st.best_metric):
+                st.best_metric, st.best_checkpoint = value, str(self.out / name)
+        acc = s.accelerator
+        ckpt.save_checkpoint(self.out, st.global_step, acc.unwrap_model(s.model), s.tokenizer, s.optimizer,
+                             s.scheduler, st, acc.process_index, acc.is_main_process, acc.wait_for_everyone)
+        if acc.is_main_process:
+            ckpt.rotate(self.out, t.save_total_limit, st.best_checkpoint)
+
+
+def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
+    """The trained weights, tokenizer (with the chat template used) and template info, moved in atomically."""
+    from tunesmith.model.loading import save_template_info
+
+    acc, out = s.accelerator, trainer.out
+    best = trainer.state.best_checkpoint
+    if cfg.training.load_best_model_at_end and best and Path(best).is_dir():
+        ckpt.load_trainable_weights(acc.unwrap_model(s.model), Path(best))
+        log.info("loaded the best checkpoint %s (%s = %.4f)", best, cfg.training.metric_for_best_model,
+                 trainer.state.best_metric)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ckpt.save_weights(acc.unwrap_model(s.model), tmp)
+    if s.template is not None:
+        s.tokenizer.chat_template = s.template.jinja
+    s.tokenizer.save_pretrained(tmp)
+    save_template_info(tmp, s.template)
+    for item in tmp.iterdir():
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+
+
+def run(cfg: Config, extras: dict[str, Any]) -> int:
+    validate_for_train(cfg)
+    if not cfg.training.do_train:
+        raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
+    resume = find_resume_point(cfg)
+    s = build_setup(cfg)
+    trainer = Trainer(cfg, s)
+    out = trainer.out
+    if s.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tunesmith_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        if resume is None and (out / "trainer_log.jsonl").exists():
+            (out / "trainer_log.jsonl").unlink()
+    if resume is not None:
+        trainer.state = ckpt.load_checkpoint(resume, s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler,
+                                             s.accelerator.process_index)
+        log.info("resuming from %s at step %d", resume, trainer.state.global_step)
+    results = trainer.train()
+    save_final(cfg, s, trainer)
+    eval_metrics = None
+    if s.eval_plan is not None and (cfg.training.do_eval or cfg.training.eval_strategy != "no"):
+        eval_metrics = {**trainer.evaluate(), "epoch": results["epoch"]}
+    if s.accelerator.is_main_process:
+        write_results(out, "train", results)
+        if eval_metrics:
+            write_results(out, "eval", eval_metrics)
+        if cfg.finetuning.plot_loss:
+            plot_losses(out)
+        summary = f"done: {trainer.state.global_step} steps in {results['train_runtime']:.1f}s, " \
+                  f"train_loss {results['train_loss']:.4f}" + \
+                  (f", eval_loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "") + \
+                  f", {results['train_supervised_tokens_per_second']:.0f} supervised tokens/s -> {out}"
+        print(summary)
+    s.accelerator.end_training()
+    return 0

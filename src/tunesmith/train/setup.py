@@ -1,0 +1,147 @@
+"""Everything the training loop needs, built in order: accelerator, tokenizer, data, model, optimizer, schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.data.batching import BatchPlan, collate
+from tunesmith.data.pipeline import Datasets, EncodedSet, build_datasets
+
+log = logging.getLogger("tunesmith.train")
+
+
+@dataclass
+class Setup:
+    accelerator: Any
+    tokenizer: Any
+    template: Any
+    data: Datasets
+    model: Any
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: BatchPlan
+    eval_plan: BatchPlan | None
+    padding_free: bool
+    pad_id: int
+    total_steps: int
+
+
+def make_accelerator(cfg: Config) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+    from datetime import timedelta
+
+    precision = "bf16" if cfg.training.bf16 else "fp16" if cfg.training.fp16 else "no"
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.training.ddp_timeout))])
+
+
+def build_optimizer(model: Any, cfg: Config) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    t = cfg.training
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            # biases and norm weights (1-D) are not decayed, as in transformers' Trainer
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optim == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.learning_rate)
+    else:
+        fused = t.optim == "adamw_torch_fused" and torch.cuda.is_available()
+        optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                      eps=t.adam_epsilon, fused=fused or None)
+    return optimizer, decay + no_decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    t = cfg.training
+    warmup = t.warmup_steps if t.warmup_steps > 0 else math.ceil(t.warmup_ratio * total_steps)
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=dict(t.lr_scheduler_kwargs) or None)
+
+
+@torch.no_grad()
+def padding_free_works(model: Any, vocab_size: int) -> bool:
+    """Check on two short random sequences that the packed forward equals separate forwards. Models whose
+    attention ignores restarting position ids would silently attend across samples; they get padded batches."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, vocab_size, (1, 5), generator=gen)
+    b = torch.randint(0, vocab_size, (1, 7), generator=gen)
+    device = next(model.parameters()).device
+    sep = [model(input_ids=x.to(device), use_cache=False).logits.float() for x in (a, b)]
+    packed = model(input_ids=torch.cat([a, b], 1).to(device), use_cache=False,
+                   position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)).logits.float()
+    model.train(was_training)
+    return bool(torch.allclose(torch.cat(sep, 1), packed, atol=1e-3, rtol=1e-3))
+
+
+def count_steps(plan: BatchPlan, cfg: Config) -> int:
+    t = cfg.training
+    steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
+    return t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
+
+
+def load_data(cfg: Config, accelerator: Any) -> tuple[Any, Any, Datasets]:
+    from tunesmith.data.templates import load_template
+    from tunesmith.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    template = None if cfg.finetuning.stage == "pt" else load_template(cfg.model.template, tokenizer,
+                                                                       cfg.model.default_system)
+    with accelerator.main_process_first():  # rank 0 tokenizes and caches; the others read the cache
+        data = build_datasets(cfg, tokenizer, template)
+    report = data.report
+    if accelerator.is_main_process:
+        log.info("data: %d train / %s eval samples; rows skipped %s; samples dropped %s; truncated %d",
+                 len(data.train), len(data.eval) if data.eval is not None else 0, dict(report.rows_bad) or 0,
+                 dict(report.samples_dropped) or 0, report.truncated)
+    return tokenizer, template, data
+
+
+def build_setup(cfg: Config) -> Setup:
+    from transformers import set_seed
+
+    from tunesmith.model.adapters import apply_finetuning, parameter_counts
+    from tunesmith.model.loading import load_model
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.training.seed)
+    tokenizer, template, data = load_data(cfg, accelerator)
+    t = cfg.training
+    # LoRA with bf16 keeps the frozen base in bf16 (half the memory); trained weights are always fp32.
+    base_dtype = torch.bfloat16 if (cfg.finetuning.finetuning_type == "lora" and t.bf16) else torch.float32
+    model = apply_finetuning(load_model(cfg, base_dtype, for_training=True), cfg)
+    trainable_n, total_n = parameter_counts(model)
+    if accelerator.is_main_process:
+        log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable_n, total_n,
+                 100 * trainable_n / total_n)
+    model.to(accelerator.device)
+    padding_free = cfg.model.attn_implementation == "flash_attention_2" or padding_free_works(
+        model, model.config.vocab_size)
+    if not padding_free:
+        log.warning("this model's attention does not honour packed position ids; using padded batches")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    packing_len = cfg.data.cutoff_len if cfg.data.packing else None
+    plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
+    eval_plan = None if data.eval is None else BatchPlan(data.eval, t.per_device_eval_batch_size, t.seed, False,
+                                                         None, rank, world)
+    optimizer, trainable = build_optimizer(model, cfg)
+    total_steps = count_steps(plan, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if t.torch_compile:
+        model = torch.compile(model, dynamic=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return Setup(accelerator, tokenizer, template, data, model, trainable, optimizer, scheduler, plan, eval_plan,
+                 padding_free, pad_id, total_steps)

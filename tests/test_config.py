@@ -1,0 +1,121 @@
+"""Config parsing: YAML, key=value overrides, --flags, aliases, types, and errors reported all at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.cli import main
+from tunesmith.config import ConfigError, load_config
+from tunesmith.config.loader import config_to_yaml
+from tunesmith.config.validate import validate_for_train
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_overrides_then_flags(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\nlora_target: q_proj,v_proj\ncutoff_len: 512\nbf16: true\n")
+    cfg = load_config([path, "learning_rate=2e-4", "--cutoff_len", "256", "--bf16", "false", "--do_eval"])
+    assert cfg.training.learning_rate == 2e-4
+    assert cfg.data.cutoff_len == 256
+    assert cfg.training.bf16 is False
+    assert cfg.training.do_eval is True
+    assert cfg.finetuning.lora_target == "q_proj,v_proj"
+
+
+def test_yaml_numbers_written_as_text_are_accepted(tmp_path):
+    # PyYAML reads `1e-4` (no dot) as a string; LLaMA-Factory users write it all the time.
+    cfg = load_config([write(tmp_path, "learning_rate: 1e-4\nnum_train_epochs: 3\n")])
+    assert cfg.training.learning_rate == 1e-4
+    assert cfg.training.num_train_epochs == 3.0
+
+
+def test_classic_flag_style_and_aliases():
+    cfg = load_config(["--stage", "sft", "--do_train", "--model_name_or_path", "m", "--evaluation_strategy", "steps",
+                       "--checkpoint_dir", "ckpt", "--lora_target", "all", "--flash_attn", "disabled",
+                       "--per_device_train_batch_size=4"])
+    assert cfg.training.eval_strategy == "steps"
+    assert cfg.model.adapter_name_or_path == "ckpt"
+    assert cfg.model.attn_implementation == "eager"
+    assert cfg.training.per_device_train_batch_size == 4
+
+
+def test_list_values_for_comma_keys(tmp_path):
+    cfg = load_config([write(tmp_path, "lora_target: [q_proj, v_proj]\ndataset: [a, b]\n")])
+    assert cfg.finetuning.lora_target == "q_proj,v_proj"
+    assert cfg.data.dataset == "a,b"
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "lora_targt: all\nlearning_rate: fast\nstage: sftt\nquantization_bit: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([path, "cutoff_len=abc"])
+    text = "\n".join(err.value.problems)
+    assert len(err.value.problems) == 5
+    assert "unknown key `lora_targt` (did you mean `lora_target`?)" in text
+    assert "`learning_rate`: expected a number, got 'fast'" in text
+    assert "`stage`: expected one of pt, sft, rm, dpo" in text
+    assert "`quantization_bit` is not supported" in text
+    assert "`cutoff_len`: expected an integer" in text
+
+
+def test_impossible_combinations(tmp_path):
+    cfg = load_config(["model_name_or_path=m", "dataset=d", "output_dir=o", "load_best_model_at_end=true",
+                       "fp16=true", "predict_with_generate=true", "stage=pt"])
+    with pytest.raises(ConfigError) as err:
+        validate_for_train(cfg)
+    text = "\n".join(err.value.problems)
+    assert "`load_best_model_at_end` needs evaluation" in text
+    assert "`fp16` needs a CUDA GPU" in text
+    assert "`predict_with_generate` only applies to `stage: sft`" in text
+
+
+def test_load_best_needs_matching_schedule():
+    cfg = load_config(["model_name_or_path=m", "dataset=d", "output_dir=o", "load_best_model_at_end=true",
+                       "eval_strategy=steps", "eval_steps=10", "save_steps=15", "val_size=0.1"])
+    with pytest.raises(ConfigError) as err:
+        validate_for_train(cfg)
+    assert any("multiple of `eval_steps`" in p for p in err.value.problems)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(["learning_rate=3e-4", "lr_scheduler_kwargs={min_lr_rate: 0.1}", "dataset=a,b"])
+    path = write(tmp_path, config_to_yaml(cfg))
+    again = load_config([path])
+    assert again == cfg
+    assert again.training.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+def test_cli_exits_2_without_traceback(tmp_path, capsys):
+    path = write(tmp_path, "lora_rnak: 8\n")
+    assert main(["train", path]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean `lora_rank`?" in err
+    assert "Traceback" not in err
+
+
+def test_cli_missing_required_fields(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert "`model_name_or_path` is required" in err and "`dataset` is required" in err
+    assert "`output_dir` is required" in err
+
+
+def test_help_documents_every_field_with_default(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--lora_target [text, default 'all']" in out or "--lora_target [str, default 'all']" in out
+    assert "(alias: evaluation_strategy)" in out
+    assert "--cutoff_len [int, default 2048]" in out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from tunesmith.cli import main; main(['--help']); main(['train', '--help']); " \
+           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

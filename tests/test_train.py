@@ -1,0 +1,217 @@
+"""The training loop: exact losses against plain PyTorch, accumulation and resume equivalence, what trains,
+checkpoints, best-model selection and config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_dataset
+from tunesmith.cli import main
+from tunesmith.train import checkpoint as ckpt
+
+
+def sft_rows(n=24):
+    return [{"instruction": f"What is {i} plus {i + 1}?", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(n)]
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    folder = tmp_path / "data"
+    write_dataset(folder, "sft", sft_rows())
+    write_dataset(folder, "corpus", [{"text": f"Number {i} comes before {i + 1}. " * (1 + i % 3)} for i in range(24)],
+                  suffix=".jsonl")
+    return folder
+
+
+def train(tmp_path, model_dir, data_dir, out_name, *extra):
+    out = tmp_path / out_name
+    args = ["train", f"model_name_or_path={model_dir}", f"dataset_dir={data_dir}", f"output_dir={out}",
+            f"data_cache_dir={tmp_path / 'cache'}", "dataset=sft", "template=chatml", "cutoff_len=64",
+            "per_device_train_batch_size=2", "learning_rate=1e-2", "lr_scheduler_type=constant", "logging_steps=1",
+            "save_strategy=no", "disable_tqdm=true", "seed=1", *extra]
+    assert main(args) == 0
+    return out
+
+
+def logged(out, key="loss"):
+    return [l[key] for l in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if key in l]
+
+
+def reference_losses(model_dir, tokenizer, data_dir, stage, steps, batch_size, seed, lr):
+    """Plain PyTorch: each sample on its own (no packing), the same order, summed token CE / supervised tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import build_datasets
+    from tunesmith.data.templates import load_template
+
+    cfg = load_config([f"model_name_or_path={model_dir}", f"dataset_dir={data_dir}", "cutoff_len=64", f"stage={stage}",
+                       f"dataset={'sft' if stage == 'sft' else 'corpus'}", f"seed={seed}"])
+    data = build_datasets(cfg, tokenizer, None if stage == "pt" else load_template("chatml", tokenizer), use_cache=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    order = np.random.default_rng([seed, 0]).permutation(len(data.train)).tolist()
+    losses = []
+    for step in range(steps):
+        samples = [data.train[i] for i in order[step * batch_size : (step + 1) * batch_size]]
+        total, count = 0.0, 0
+        for ids, labels in samples:
+            logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1]
+            target = torch.tensor(labels[1:], dtype=torch.long)
+            total = total + torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            count += int((target != -100).sum())
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(total / count))
+    return losses
+
+
+@pytest.mark.parametrize("stage", ["sft", "pt"])
+def test_first_losses_equal_plain_pytorch(tmp_path, tiny_model_dir, tokenizer, data_dir, stage):
+    out = train(tmp_path, tiny_model_dir, data_dir, f"out_{stage}", "finetuning_type=full", "max_steps=3",
+                f"stage={stage}", f"dataset={'sft' if stage == 'sft' else 'corpus'}")
+    expected = reference_losses(tiny_model_dir, tokenizer, data_dir, stage, 3, 2, 1, 1e-2)
+    assert logged(out) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # a random 2-layer model starts near log(vocab size)
+    assert abs(expected[0] - math.log(len(tokenizer))) < 0.5
+
+
+def test_accumulation_is_equivalent_to_a_bigger_batch(tmp_path, tiny_model_dir, data_dir):
+    big = train(tmp_path, tiny_model_dir, data_dir, "b4", "finetuning_type=full", "max_steps=2",
+                "per_device_train_batch_size=4")
+    acc = train(tmp_path, tiny_model_dir, data_dir, "b2x2", "finetuning_type=full", "max_steps=2",
+                "per_device_train_batch_size=2", "gradient_accumulation_steps=2")
+    assert logged(big) == pytest.approx(logged(acc), rel=1e-6)
+    a, b = load_file(big / "model.safetensors"), load_file(acc / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir, data_dir):
+    common = ["finetuning_type=lora", "lora_rank=4", "lora_dropout=0.1", "max_steps=6", "save_strategy=steps",
+              "save_steps=3", "lr_scheduler_type=cosine", "warmup_steps=1"]
+    straight = train(tmp_path, tiny_model_dir, data_dir, "straight", *common)
+    stopped = train(tmp_path, tiny_model_dir, data_dir, "stopped", *common)
+    # Pretend the run was killed right after checkpoint-3: remove everything written later.
+    for item in stopped.iterdir():
+        if item.name != "checkpoint-3":
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0  # resumes automatically
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(stopped / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert logged(stopped)[-3:] == logged(straight)[-3:]
+
+
+EXPECTED_TRAINABLE = {
+    # hidden 32, intermediate 64, 2 layers, 4 heads of 8, 2 kv heads (k/v project to 16)
+    "lora": 2 * ((4 * 32 + 32 * 4) + (4 * 32 + 16 * 4)),  # q_proj and v_proj, rank 4
+    "freeze": 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32,  # the last layer, all modules
+}
+
+
+@pytest.mark.parametrize("kind", ["lora", "freeze", "full"])
+def test_each_method_trains_only_what_it_should(tmp_path, tiny_model_dir, data_dir, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config import load_config
+    from tunesmith.model.adapters import apply_finetuning, parameter_counts
+
+    cfg = load_config([f"model_name_or_path={tiny_model_dir}", f"finetuning_type={kind}", "lora_target=q_proj,v_proj",
+                       "lora_rank=4", "freeze_trainable_layers=1"])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    total = sum(p.numel() for p in base.parameters())
+    model = apply_finetuning(base, cfg)
+    trainable, _ = parameter_counts(model)
+    assert trainable == EXPECTED_TRAINABLE.get(kind, total)
+    out = train(tmp_path, tiny_model_dir, data_dir, f"m_{kind}", f"finetuning_type={kind}", "max_steps=2",
+                "lora_target=q_proj,v_proj", "lora_rank=4", "freeze_trainable_layers=1")
+    reloaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir if kind == "lora" else out, dtype=torch.float32)
+    if kind == "lora":
+        reloaded = PeftModel.from_pretrained(reloaded, out).merge_and_unload()
+    changed = {n for n, p in reloaded.named_parameters() if not torch.equal(p, before[n])}
+    if kind == "lora":
+        assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    elif kind == "freeze":
+        assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    else:
+        assert len(changed) == len(before)
+
+
+def test_outputs_logs_and_plots(tmp_path, tiny_model_dir, data_dir):
+    out = train(tmp_path, tiny_model_dir, data_dir, "full_out", "max_steps=4", "val_size=4", "eval_strategy=steps",
+                "eval_steps=2", "plot_loss=true", "lora_target=all")
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "trainer_log.jsonl",
+            "train_results.json", "eval_results.json", "all_results.json", "tunesmith_config.yaml",
+            "tunesmith_template.json", "training_loss.png", "training_eval_loss.png"} <= names
+    lines = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_line = lines[0]
+    assert {"current_steps", "total_steps", "loss", "lr", "epoch", "grad_norm", "supervised_tokens_per_s",
+            "elapsed_time", "remaining_time"} <= set(train_line)
+    assert len([l for l in lines if "eval_loss" in l]) == 2
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in saved.chat_template
+
+
+def test_load_best_model_at_end_picks_the_best_checkpoint(tmp_path, tiny_model_dir, data_dir):
+    # A learning rate this high makes the eval loss go down, then up: the best is not the last.
+    out = train(tmp_path, tiny_model_dir, data_dir, "best", "finetuning_type=full", "max_steps=8",
+                "val_size=4", "eval_strategy=steps", "eval_steps=2", "save_strategy=steps", "save_steps=2",
+                "load_best_model_at_end=true", "save_total_limit=1", "learning_rate=0.05")
+    evals = [l for l in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "eval_loss" in l]
+    best = min(evals, key=lambda l: l["eval_loss"])
+    best_dir = out / f"checkpoint-{best['current_steps']}"
+    assert best_dir.is_dir(), "the best checkpoint must survive rotation"
+    final, chosen = load_file(out / "model.safetensors"), load_file(best_dir / "model.safetensors")
+    assert all(torch.equal(final[k], chosen[k]) for k in final)
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+
+
+def test_a_killed_save_is_never_resumed(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    args = ["finetuning_type=lora", "max_steps=4", "save_strategy=steps", "save_steps=2"]
+    out = train(tmp_path, tiny_model_dir, data_dir, "killed", *args)
+    calls = {"n": 0}
+    original = ckpt.TrainerState.save
+
+    def dies_on_second_checkpoint(self, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed while writing checkpoint-4
+        original(self, path)
+
+    shutil.rmtree(out)
+    monkeypatch.setattr(ckpt.TrainerState, "save", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, tiny_model_dir, data_dir, "killed", *args)
+    assert (out / "checkpoint-4.tmp-save").is_dir() and not (out / "checkpoint-4").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_config_errors_exit_2(tmp_path, tiny_model_dir, data_dir, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    base = ["train", f"model_name_or_path={tiny_model_dir}", f"dataset_dir={data_dir}", "template=chatml"]
+    assert main(base + ["dataset=sft", f"output_dir={busy}"]) == 2
+    assert "is not empty and holds no checkpoint" in capsys.readouterr().err
+    assert (busy / "notes.txt").read_text() == "mine"
+    assert main(base + ["dataset=sft", f"output_dir={tmp_path / 'o'}", "fp16=true"]) == 2
+    assert "`fp16` needs a CUDA GPU" in capsys.readouterr().err
+    assert main(base + ["dataset=missing", f"output_dir={tmp_path / 'o'}"]) == 2
+    assert "unknown dataset `missing`" in capsys.readouterr().err
