@@ -73,7 +73,7 @@ def reference_losses(model_dir, tokenizer, data_dir, stage, steps, batch_size, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(total / count))
+        losses.append(float(total.detach() / count))
     return losses
 
 
@@ -88,14 +88,16 @@ def test_first_losses_equal_plain_pytorch(tmp_path, tiny_model_dir, tokenizer, d
 
 
 def test_accumulation_is_equivalent_to_a_bigger_batch(tmp_path, tiny_model_dir, data_dir):
+    # SGD: the weight change is lr x gradient, so equal weights mean equal gradients (Adam would amplify
+    # float rounding in near-zero gradients).
     big = train(tmp_path, tiny_model_dir, data_dir, "b4", "finetuning_type=full", "max_steps=2",
-                "per_device_train_batch_size=4")
+                "per_device_train_batch_size=4", "optim=sgd", "learning_rate=0.5")
     acc = train(tmp_path, tiny_model_dir, data_dir, "b2x2", "finetuning_type=full", "max_steps=2",
-                "per_device_train_batch_size=2", "gradient_accumulation_steps=2")
+                "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "optim=sgd", "learning_rate=0.5")
     assert logged(big) == pytest.approx(logged(acc), rel=1e-6)
     a, b = load_file(big / "model.safetensors"), load_file(acc / "model.safetensors")
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
 def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir, data_dir):
@@ -103,15 +105,16 @@ def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir,
               "save_steps=3", "lr_scheduler_type=cosine", "warmup_steps=1"]
     straight = train(tmp_path, tiny_model_dir, data_dir, "straight", *common)
     stopped = train(tmp_path, tiny_model_dir, data_dir, "stopped", *common)
-    # Pretend the run was killed right after checkpoint-3: remove everything written later.
+    # Pretend the run was killed right after checkpoint-3: remove everything written later (the log keeps
+    # lines of steps 4-6; the resumed run must replace them, not repeat them).
     for item in stopped.iterdir():
-        if item.name != "checkpoint-3":
+        if item.name not in ("checkpoint-3", "tunesmith_config.yaml", "trainer_log.jsonl"):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
     assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0  # resumes automatically
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(stopped / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert logged(stopped)[-3:] == logged(straight)[-3:]
+    assert logged(stopped) == logged(straight)
 
 
 EXPECTED_TRAINABLE = {
@@ -192,12 +195,12 @@ def test_a_killed_save_is_never_resumed(tmp_path, tiny_model_dir, data_dir, monk
     def dies_on_second_checkpoint(self, path):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed while writing checkpoint-4
+            raise OSError("disk full")  # dies while writing checkpoint-4
         original(self, path)
 
     shutil.rmtree(out)
     monkeypatch.setattr(ckpt.TrainerState, "save", dies_on_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(OSError, match="disk full"):
         train(tmp_path, tiny_model_dir, data_dir, "killed", *args)
     assert (out / "checkpoint-4.tmp-save").is_dir() and not (out / "checkpoint-4").exists()
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]

@@ -206,6 +206,15 @@ def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
     tmp.rmdir()
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from: the resumed run writes them again."""
+    if path.is_file():
+        import json
+
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["current_steps"] <= step]
+        path.write_text("".join(l + "\n" for l in lines))
+
+
 def run(cfg: Config, extras: dict[str, Any]) -> int:
     validate_for_train(cfg)
     if not cfg.training.do_train:
@@ -223,6 +232,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         trainer.state = ckpt.load_checkpoint(resume, s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler,
                                              s.accelerator.process_index)
         log.info("resuming from %s at step %d", resume, trainer.state.global_step)
+        if s.accelerator.is_main_process:
+            trim_log(out / "trainer_log.jsonl", trainer.state.global_step)
     results = trainer.train()
     save_final(cfg, s, trainer)
     eval_metrics = None
