@@ -96,8 +96,11 @@ def write_results(out: Path, name: str, metrics: dict[str, Any]) -> None:
     all_path.write_text(json.dumps(merged, indent=2) + "\n")
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction, so the curve starts at the first value."""
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average with bias correction, so the curve starts at the first value. Short curves
+    are smoothed less, so the smoothed line does not lag far behind."""
+    if weight is None:
+        weight = 0.6 if len(values) < 50 else 0.9
     out, avg = [], 0.0
     for i, v in enumerate(values, start=1):
         avg = weight * avg + (1 - weight) * v
