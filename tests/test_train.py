@@ -176,9 +176,10 @@ def test_load_best_model_at_end_picks_the_best_checkpoint(tmp_path, tiny_model_d
     # A learning rate this high makes the eval loss go down, then up: the best is not the last.
     out = train(tmp_path, tiny_model_dir, data_dir, "best", "finetuning_type=full", "max_steps=8",
                 "val_size=4", "eval_strategy=steps", "eval_steps=2", "save_strategy=steps", "save_steps=2",
-                "load_best_model_at_end=true", "save_total_limit=1", "learning_rate=0.05")
+                "load_best_model_at_end=true", "save_total_limit=1", "learning_rate=0.3")
     evals = [l for l in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "eval_loss" in l]
     best = min(evals, key=lambda l: l["eval_loss"])
+    assert best["current_steps"] < evals[-1]["current_steps"], "the test needs a best that is not the last"
     best_dir = out / f"checkpoint-{best['current_steps']}"
     assert best_dir.is_dir(), "the best checkpoint must survive rotation"
     final, chosen = load_file(out / "model.safetensors"), load_file(best_dir / "model.safetensors")
@@ -218,3 +219,14 @@ def test_config_errors_exit_2(tmp_path, tiny_model_dir, data_dir, capsys):
     assert "`fp16` needs a CUDA GPU" in capsys.readouterr().err
     assert main(base + ["dataset=missing", f"output_dir={tmp_path / 'o'}"]) == 2
     assert "unknown dataset `missing`" in capsys.readouterr().err
+
+
+def test_tensorboard_min_lr_schedule_and_additional_target(tmp_path, tiny_model_dir, data_dir):
+    out = train(tmp_path, tiny_model_dir, data_dir, "tb", "max_steps=3", "report_to=tensorboard",
+                "lr_scheduler_type=cosine_with_min_lr", "lr_scheduler_kwargs={min_lr_rate: 0.1}",
+                "lora_target=q_proj", "additional_target=lm_head")
+    assert list((out / "runs").glob("events.out.tfevents.*"))
+    lrs = logged(out, "lr")
+    assert lrs[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor: 0.1 x 1e-2
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("lm_head" in k for k in saved), "additional_target modules are saved with the adapter"
