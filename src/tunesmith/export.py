@@ -1,0 +1,195 @@
+"""`tunesmith export`: merge LoRA adapters into the base model and write a standard Hugging Face model folder.
+
+The merge happens in place (peft's merge_and_unload), so the weights are held once; the folder is written beside
+`export_dir` under a temporary name and renamed when complete, so a killed export never looks finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith import __version__
+from tunesmith.config import Config
+from tunesmith.config.loader import ConfigError
+from tunesmith.config.validate import check_finetuning, check_model, raise_if
+
+log = logging.getLogger("tunesmith.export")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_paths(cfg: Config) -> list[str]:
+    return [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+
+
+def validate_for_export(cfg: Config, force: bool) -> Path:
+    problems = check_model(cfg) + check_finetuning(cfg)
+    if not cfg.export.export_dir:
+        problems.append("`export_dir` is required: the folder the merged model is written to")
+    if cfg.export.export_size <= 0:
+        problems.append(f"`export_size` must be positive (GB), got {cfg.export.export_size}")
+    raise_if(problems)
+    out = Path(cfg.export.export_dir)  # type: ignore[arg-type]
+    if out.exists() and any(out.iterdir()) and not (cfg.training.overwrite_output_dir or force):
+        raise ConfigError([f"export_dir `{out}` is not empty; set `overwrite_output_dir: true` or pass --force"])
+    return out
+
+
+def load_merged(cfg: Config, dtype: Any) -> Any:
+    """Base model with every adapter merged in, in order."""
+    from peft import PeftModel
+
+    from tunesmith.model.loading import load_model
+
+    model = load_model(cfg, dtype, for_training=False)
+    for path in adapter_paths(cfg):
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model
+
+
+def load_export_tokenizer(cfg: Config) -> tuple[Any, Any]:
+    """The tokenizer saved with the (last) adapter when there is one: it carries the training chat template."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.templates import load_template
+
+    adapters = adapter_paths(cfg)
+    source = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file() \
+        else cfg.model.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    template = None
+    if cfg.model.template != "auto" or tokenizer.chat_template:
+        template = load_template(cfg.model.template, tokenizer, cfg.model.default_system)
+        tokenizer.chat_template = template.jinja
+    return tokenizer, template
+
+
+def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
+    ids = []
+    for text in (template.stop if template else []) + [tokenizer.eos_token]:
+        if text:
+            tok = tokenizer.convert_tokens_to_ids(text)
+            if tok is not None and tok != tokenizer.unk_token_id and tok not in ids:
+                ids.append(tok)
+    return ids
+
+
+def model_card(cfg: Config, dtype: Any) -> str:
+    adapters = adapter_paths(cfg)
+    training = ""
+    for path in adapters[-1:]:
+        config_file = Path(path) / "tunesmith_config.yaml"
+        if config_file.is_file():
+            training = f"\n## Training config\n\n```yaml\n{config_file.read_text()}```\n"
+    lines = [f"# {Path(cfg.export.export_dir).name}", "",  # type: ignore[arg-type]
+             f"- base model: `{cfg.model.model_name_or_path}`",
+             f"- adapters merged (in order): {', '.join(f'`{a}`' for a in adapters) or 'none'}",
+             f"- dtype: {str(dtype).replace('torch.', '')}", f"- template: `{cfg.model.template}`",
+             f"- exported by tunesmith {__version__}", ""]
+    return "\n".join(lines) + training
+
+
+def write_folder(model: Any, tokenizer: Any, template: Any, cfg: Config, dtype: Any, tmp: Path) -> None:
+    e = cfg.export
+    tmp.mkdir(parents=True)
+    stops = stop_token_ids(tokenizer, template)
+    if stops:
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if e.export_legacy_format:
+        log.warning("export_legacy_format: writing pickle .bin files; loading pickles from strangers can run "
+                    "arbitrary code, prefer safetensors")
+    max_bytes = int(e.export_size * 1e9)
+    if e.export_legacy_format:
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        save_legacy_shards(model, tmp, max_bytes)
+    else:
+        model.save_pretrained(tmp, max_shard_size=max_bytes)
+    tokenizer.save_pretrained(tmp)
+    if template is not None:
+        from tunesmith.model.loading import save_template_info
+
+        save_template_info(tmp, template)
+    (tmp / "README.md").write_text(model_card(cfg, dtype), encoding="utf-8")
+
+
+def save_legacy_shards(model: Any, out: Path, max_bytes: int) -> None:
+    """pytorch_model*.bin shards plus their index (transformers 5 no longer writes them itself)."""
+    import json
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                               max_shard_size=max_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        torch.save({name: state[name] for name in names}, out / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old folder is removed only after the new one is there."""
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> float:
+    """Largest logit difference between the exported model and base + adapters on a few prompts."""
+    from transformers import AutoModelForCausalLM
+
+    reference = load_merged_reference(cfg, dtype)
+    result = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype).eval()
+    prompts = ["What is the capital of France?", "12 plus 30 equals", "法国的首都是哪里？"]
+    worst = 0.0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        a, b = reference(input_ids=ids).logits.float(), result(input_ids=ids).logits.float()
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def load_merged_reference(cfg: Config, dtype: Any) -> Any:
+    """Base model with adapters applied but not merged: what `--verify` compares against."""
+    from peft import PeftModel
+
+    from tunesmith.model.loading import load_model
+
+    model = load_model(cfg, dtype, for_training=False)
+    for i, path in enumerate(adapter_paths(cfg)):
+        model = PeftModel.from_pretrained(model, path) if i == len(adapter_paths(cfg)) - 1 else \
+            PeftModel.from_pretrained(model, path).merge_and_unload()
+    return model.eval()
+
+
+def run(cfg: Config, extras: dict[str, Any]) -> int:
+    out = validate_for_export(cfg, bool(extras.get("force")))
+    e = cfg.export
+    dtype = "auto" if e.export_dtype == "auto" else DTYPES[e.export_dtype]
+    model = load_merged(cfg, dtype)
+    if e.export_dtype != "auto":
+        model = model.to(DTYPES[e.export_dtype])
+    final_dtype = next(model.parameters()).dtype
+    tokenizer, template = load_export_tokenizer(cfg)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_folder(model, tokenizer, template, cfg, final_dtype, tmp)
+    del model
+    replace_folder(tmp, out)
+    files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin"))
+    print(f"exported {len(files)} weight file(s) in {str(final_dtype).replace('torch.', '')} to {out}")
+    if extras.get("verify"):
+        diff = verify(cfg, out, tokenizer, final_dtype)
+        print(f"verify: largest logit difference vs base + adapters = {diff:.3e}")
+    return 0
