@@ -14,6 +14,7 @@ USAGE = """usage: tunesmith <command> [config.yaml] [key=value ...] [--key value
 
 commands:
   train     fine-tune a model (stages pt, sft) with lora, freeze or full tuning
+  eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
   export    merge LoRA adapters into the base model; write safetensors shards (or legacy .bin)
   data      load, validate and tokenize the configured datasets and show what the model will see
   version   print the version
@@ -34,6 +35,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("tunesmith.train.recipe", ["model", "data", "finetuning", "training", "generation"],
                      "Fine-tune a model."),
+    "eval": Command("tunesmith.evaluate.run", ["model", "finetuning", "eval", "training"],
+                    "Multiple-choice benchmarks (MMLU, C-Eval, CMMLU layouts), n-shot, with prefix KV reuse."),
     "export": Command("tunesmith.export", ["model", "finetuning", "export"],
                       "Merge adapters into the base model and write a standard Hugging Face model folder.",
                       {"verify": False, "force": False}),

@@ -18,6 +18,7 @@ from tunesmith import __version__
 from tunesmith.config import Config
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import check_finetuning, check_model, raise_if
+from tunesmith.model.tokenizer import load_inference_tokenizer
 
 log = logging.getLogger("tunesmith.export")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,23 +51,6 @@ def load_merged(cfg: Config, dtype: Any) -> Any:
     for path in adapter_paths(cfg):
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model
-
-
-def load_export_tokenizer(cfg: Config) -> tuple[Any, Any]:
-    """The tokenizer saved with the (last) adapter when there is one: it carries the training chat template."""
-    from transformers import AutoTokenizer
-
-    from tunesmith.data.templates import load_template
-
-    adapters = adapter_paths(cfg)
-    source = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file() \
-        else cfg.model.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
-    template = None
-    if cfg.model.template != "auto" or tokenizer.chat_template:
-        template = load_template(cfg.model.template, tokenizer, cfg.model.default_system)
-        tokenizer.chat_template = template.jinja
-    return tokenizer, template
 
 
 def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
@@ -181,7 +165,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     if e.export_dtype != "auto":
         model = model.to(DTYPES[e.export_dtype])
     final_dtype = next(model.parameters()).dtype
-    tokenizer, template = load_export_tokenizer(cfg)
+    tokenizer, template = load_inference_tokenizer(cfg)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write_folder(model, tokenizer, template, cfg, final_dtype, tmp)

@@ -183,6 +183,8 @@ class EvalArgs:
     n_shot: int = opt(5, "Solved examples from the dev split placed before each question.")
     batch_size: int = opt(4, "Questions per forward pass.")
     save_dir: str | None = opt(None, "Where results.json, results.log and per-question lines go.")
+    subjects: str | None = opt(None, "Only these subjects (comma separated file names without split suffix).")
+    prefix_reuse: bool = opt(True, "Run each subject's shared few-shot prefix once and reuse its KV cache.")
 
 
 @dataclass

@@ -56,3 +56,21 @@ def saved_template_name(folder: str | None) -> dict[str, Any] | None:
     if folder and (Path(folder) / TEMPLATE_FILE).is_file():
         return json.loads((Path(folder) / TEMPLATE_FILE).read_text())
     return None
+
+
+def load_for_inference(cfg: Config) -> Any:
+    """Base model with the configured adapters merged in (in order), in `infer_dtype`, in eval mode."""
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = "auto" if cfg.model.infer_dtype == "auto" else dtypes[cfg.model.infer_dtype]
+    model = load_model(cfg, dtype, for_training=False)
+    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    if adapters:
+        from peft import PeftModel
+
+        for path in adapters:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()

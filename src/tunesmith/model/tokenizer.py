@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from tunesmith.config import Config
@@ -26,3 +27,22 @@ def load_tokenizer(cfg: Config) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_inference_tokenizer(cfg: Config) -> tuple[Any, Any]:
+    """Tokenizer and chat template for using a trained model: the tokenizer saved with the (last) adapter when
+    there is one (it carries the training template), else the base model's; `template` other than auto wins."""
+    from pathlib import Path
+
+    from tunesmith.data.templates import load_template
+
+    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
+        cfg = copy.deepcopy(cfg)
+        cfg.model.model_name_or_path = adapters[-1]
+    tokenizer = load_tokenizer(cfg)
+    template = None
+    if cfg.model.template != "auto" or tokenizer.chat_template:
+        template = load_template(cfg.model.template, tokenizer, cfg.model.default_system)
+        tokenizer.chat_template = template.jinja
+    return tokenizer, template
