@@ -85,12 +85,11 @@ def score_with_prefix(model: Any, tokenizer: Any, prompts: list[str], letters: l
     prefix_cache = out.cache if "cache" in out else out.past_key_values
     # transformers renamed `past_key_values` to `cache` during 5.x
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    probs = []
+    probs, repeated = [], {}
     for start in range(0, len(encoded), batch_size):
         suffixes = [e[n:] for e in encoded[start : start + batch_size]]
         ids, mask = _right_pad(suffixes, tokenizer.pad_token_id or 0)
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(suffixes))
+        cache = _fresh_cache(prefix_cache, len(suffixes), repeated)
         full_mask = torch.cat([torch.ones(len(suffixes), n, dtype=mask.dtype), mask], dim=1)
         positions = (n + torch.arange(ids.shape[1]))[None].expand(len(suffixes), -1)
         logits = model(input_ids=ids.to(device), attention_mask=full_mask.to(device),
@@ -98,6 +97,21 @@ def score_with_prefix(model: Any, tokenizer: Any, prompts: list[str], letters: l
         last = mask.sum(1) - 1
         probs += _letter_probs(logits[torch.arange(len(suffixes)), last.to(device)], letters)
     return Scored(probs)
+
+
+def _fresh_cache(prefix_cache: Any, batch: int, repeated: dict[int, Any]) -> Any:
+    """The prefix cache repeated to `batch` rows, ready to be extended by one forward pass. The repeated copy is
+    made once per batch size; each use gets shallow layer copies (dynamic layers concatenate new keys into new
+    tensors, so the shared prefix tensors are never written)."""
+    if batch not in repeated:
+        repeated[batch] = copy.deepcopy(prefix_cache)
+        repeated[batch].batch_repeat_interleave(batch)
+    template = repeated[batch]
+    if not hasattr(template, "layers"):
+        return copy.deepcopy(template)
+    fresh = copy.copy(template)
+    fresh.layers = [copy.copy(layer) for layer in template.layers]
+    return fresh
 
 
 def _right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
