@@ -14,6 +14,7 @@ USAGE = """usage: tunesmith <command> [config.yaml] [key=value ...] [--key value
 
 commands:
   train     fine-tune a model (stages pt, sft) with lora, freeze or full tuning
+  predict   generate over a dataset with the training template; BLEU / ROUGE / exact match
   eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
   export    merge LoRA adapters into the base model; write safetensors shards (or legacy .bin)
   data      load, validate and tokenize the configured datasets and show what the model will see
@@ -35,6 +36,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command("tunesmith.train.recipe", ["model", "data", "finetuning", "training", "generation"],
                      "Fine-tune a model."),
+    "predict": Command("tunesmith.predict.run", ["model", "data", "finetuning", "training", "generation"],
+                       "Generate over a dataset; write generated_predictions.jsonl and BLEU/ROUGE scores."),
     "eval": Command("tunesmith.evaluate.run", ["model", "finetuning", "eval", "training"],
                     "Multiple-choice benchmarks (MMLU, C-Eval, CMMLU layouts), n-shot, with prefix KV reuse."),
     "export": Command("tunesmith.export", ["model", "finetuning", "export"],

@@ -14,8 +14,8 @@ from tunesmith.data.registry import DatasetSpec
 class RowContext:
     """Builds errors that point at one row."""
 
-    def __init__(self, spec: DatasetSpec, raw: RawRow):
-        self.spec, self.raw = spec, raw
+    def __init__(self, spec: DatasetSpec, raw: RawRow, allow_unanswered: bool = False):
+        self.spec, self.raw, self.allow_unanswered = spec, raw, allow_unanswered
 
     def error(self, message: str, field: str | None = None, fix: str | None = None, reason: str = "bad row"):
         return DataError(f"{message} (dataset `{self.spec.name}`)", file=self.raw.file, row=self.raw.row,
@@ -111,6 +111,8 @@ def from_alpaca(ctx: RowContext) -> Conversation:
         conv.rejected = Message("assistant", _text(ctx, ctx.require(rejected_col, "rejected"), rejected_col))
     else:
         response_col = spec.column("response", "output")
+        if ctx.allow_unanswered and not row.get(response_col):
+            return conv  # predicting: the answer is what we want to generate
         conv.messages.append(Message("assistant", _text(ctx, ctx.require(response_col, "response"), response_col)))
     return conv
 
@@ -172,6 +174,8 @@ def check_turns(ctx: RowContext, conv: Conversation, column: str) -> None:
                             "function call) turn was expected", field=column,
                             fix="turns must go user, assistant, user, assistant, ...", reason="roles do not alternate")
     want_last = "user" if conv.chosen is not None else "assistant"
+    if ctx.allow_unanswered and conv.messages and conv.messages[-1].role in ("user", "tool"):
+        return
     if not conv.messages or (conv.messages[-1].role == "assistant") != (want_last == "assistant"):
         raise ctx.error(f"a conversation must end with a{'n assistant' if want_last == 'assistant' else ' user'} turn"
                         + (" (ranking rows put the answers in chosen/rejected)" if conv.chosen is not None else ""),
@@ -201,8 +205,9 @@ def to_text(ctx: RowContext) -> str:
     return "\n".join(m.content for m in from_sharegpt(ctx).messages)
 
 
-def to_conversation(spec: DatasetSpec, raw: RawRow, stage: str) -> Conversation:
-    ctx = RowContext(spec, raw)
+def to_conversation(spec: DatasetSpec, raw: RawRow, stage: str, allow_unanswered: bool = False) -> Conversation:
+    """`allow_unanswered`: for prediction, a conversation may end with the user's turn."""
+    ctx = RowContext(spec, raw, allow_unanswered)
     if stage == "pt":
         text = to_text(ctx)
         if not text.strip():

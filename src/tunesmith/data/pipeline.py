@@ -92,7 +92,8 @@ class Datasets:
     cache_path: Path | None = None
 
 
-def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport) -> list[list[Conversation]]:
+def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport,
+                       allow_unanswered: bool = False) -> list[list[Conversation]]:
     per_dataset = []
     for spec in specs:
         conversations, limit = [], cfg.data.max_samples
@@ -103,7 +104,7 @@ def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                conversations.append(to_conversation(spec, raw, cfg.finetuning.stage))
+                conversations.append(to_conversation(spec, raw, cfg.finetuning.stage, allow_unanswered))
             except DataError as err:
                 if cfg.data.on_bad_row == "error" or err.reason in ("bad registry", "missing file"):
                     if cfg.data.on_bad_row == "error" and err.row is not None:

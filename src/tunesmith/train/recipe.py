@@ -216,9 +216,13 @@ def trim_log(path: Path, step: int) -> None:
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
-    validate_for_train(cfg)
     if not cfg.training.do_train:
+        if cfg.training.do_predict:  # the classic `train --do_predict --predict_with_generate` spelling
+            from tunesmith.predict.run import run as predict
+
+            return predict(cfg, extras)
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
+    validate_for_train(cfg)
     resume = find_resume_point(cfg)
     s = build_setup(cfg)
     trainer = Trainer(cfg, s)

@@ -1,0 +1,1 @@
+"""`tunesmith predict`: generate over a dataset and score the predictions."""
