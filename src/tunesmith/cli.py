@@ -16,6 +16,8 @@ commands:
   train     fine-tune a model (stages pt, sft) with lora, freeze or full tuning
   predict   generate over a dataset with the training template; BLEU / ROUGE / exact match
   eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
+  chat      talk to a model in the terminal
+  serve     OpenAI-compatible API server
   export    merge LoRA adapters into the base model; write safetensors shards (or legacy .bin)
   data      load, validate and tokenize the configured datasets and show what the model will see
   version   print the version
@@ -40,6 +42,10 @@ COMMANDS: dict[str, Command] = {
                        "Generate over a dataset; write generated_predictions.jsonl and BLEU/ROUGE scores."),
     "eval": Command("tunesmith.evaluate.run", ["model", "finetuning", "eval", "training"],
                     "Multiple-choice benchmarks (MMLU, C-Eval, CMMLU layouts), n-shot, with prefix KV reuse."),
+    "chat": Command("tunesmith.chat", ["model", "finetuning", "generation"],
+                    "Talk to a model in the terminal (streaming; `clear`, `exit`; Ctrl-C stops an answer)."),
+    "serve": Command("tunesmith.serve.run", ["model", "finetuning", "generation", "serve"],
+                     "An OpenAI-compatible API: /v1/models, /v1/chat/completions (streaming, tools), /health."),
     "export": Command("tunesmith.export", ["model", "finetuning", "export"],
                       "Merge adapters into the base model and write a standard Hugging Face model folder.",
                       {"verify": False, "force": False}),
