@@ -23,11 +23,15 @@ def random_set(n=5, vocab=2000, seed=0):
     return EncodedSet.from_samples(samples)
 
 
-@pytest.mark.parametrize("padding_free", [True, False])
-def test_packed_loss_equals_separate_samples(tiny_model_dir, padding_free):
+@pytest.mark.parametrize("padding_free,varlen", [(True, False), (True, True), (False, False)])
+def test_packed_loss_equals_separate_samples(tiny_model_dir, padding_free, varlen):
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.model.attention import register
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    if varlen:
+        model.set_attn_implementation(register())
     data = random_set()
     together = collate(data, [[i] for i in range(len(data))], padding_free, pad_id=0)
     loss, count = token_loss_sum(model, together)

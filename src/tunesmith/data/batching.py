@@ -27,6 +27,7 @@ class Batch:
     targets: torch.Tensor       # [rows, T]: the token each position must predict, or -100
     attention_mask: torch.Tensor | None  # only for padded batches
     n_samples: int
+    seq_bounds: list[int] | None = None  # padding-free: where each sample starts and ends in the row
 
     @property
     def n_targets(self) -> int:
@@ -35,7 +36,7 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     self.n_samples)
+                     self.n_samples, self.seq_bounds)
 
 
 def _shifted(labels: np.ndarray) -> np.ndarray:
@@ -56,8 +57,9 @@ def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id
     n_samples = sum(len(u) for u in units)
     if padding_free:
         ids, targets, positions = (np.concatenate([r[k] for r in rows])[None] for k in range(3))
+        bounds = np.concatenate([[0], np.cumsum([len(data[i][0]) for unit in units for i in unit])]).tolist()
         return Batch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(positions.astype(np.int64)),
-                     torch.from_numpy(targets.astype(np.int64)), None, n_samples)
+                     torch.from_numpy(targets.astype(np.int64)), None, n_samples, bounds)
     width = max(len(r[0]) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.batching import IGNORE, Batch
+from tunesmith.model.attention import BOUNDS_KWARG
 
 
 def token_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
@@ -20,8 +21,9 @@ def token_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     keep = supervised.any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:  # nothing to learn here; still run the model so every parameter joins the graph
         keep = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
+    extra = {BOUNDS_KWARG: batch.seq_bounds} if batch.seq_bounds is not None else {}
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                use_cache=False, logits_to_keep=keep)
+                use_cache=False, logits_to_keep=keep, **extra)
     logits = out.logits.float()                      # [rows, len(keep), vocab]
     targets = batch.targets[:, keep]                 # [rows, len(keep)]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,

@@ -86,6 +86,14 @@ def padding_free_works(model: Any, vocab_size: int) -> bool:
     return bool(torch.allclose(torch.cat(sep, 1), packed, atol=1e-3, rtol=1e-3))
 
 
+def use_varlen_attention(model: Any) -> None:
+    """Switch to per-sample causal SDPA for packed rows (see model/attention.py)."""
+    from tunesmith.model.attention import register
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(register())
+
+
 def count_steps(plan: BatchPlan, cfg: Config) -> int:
     t = cfg.training
     steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
@@ -131,6 +139,8 @@ def build_setup(cfg: Config) -> Setup:
         model, model.config.vocab_size)
     if not padding_free:
         log.warning("this model's attention does not honour packed position ids; using padded batches")
+    elif cfg.model.attn_implementation in ("auto", "sdpa"):
+        use_varlen_attention(model)
     rank, world = accelerator.process_index, accelerator.num_processes
     packing_len = cfg.data.cutoff_len if cfg.data.packing else None
     plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
