@@ -1,6 +1,7 @@
 """Side-by-side sft LoRA benchmark: tunesmith vs LLaMA-Factory 0.9.5 on the same machine, model and data.
 
-    python benchmarks/compare_llamafactory.py [--models tiny,small] [--dtypes fp32,bf16] [--samples 600]
+    python benchmarks/compare_llamafactory.py [--models tiny,small] [--dtypes fp32,bf16] [--samples 600] > out.jsonl
+    python benchmarks/compare_llamafactory.py --readme out.jsonl   # regenerate the README table from the lines
 
 Creates (once) a separate virtual environment with llamafactory==0.9.5 and the CPU build of torch in
 .bench/llamafactory-venv (its torchvision is removed and torchaudio's compiled extensions are moved aside,
@@ -215,6 +216,37 @@ def mfu_case(work: Path, dtype: str, params: int) -> dict:
             "matmul_peak_tflops": round(peak / 1e12, 3), "mfu": round(achieved / peak, 3)}
 
 
+START, END = "<!-- compare_llamafactory:start -->", "<!-- compare_llamafactory:end -->"
+
+
+def readme_table(lines: list[dict], machine: str) -> str:
+    """The README's performance table, generated from the benchmark's JSON lines."""
+    rows = ["| case | params | tunesmith tok/s | LLaMA-Factory tok/s | speed-up | tunesmith RSS | LLaMA-Factory RSS "
+            "| RSS ratio | eval loss (ts / LF) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in lines:
+        if "tunesmith" in r:
+            ts, lf = r["tunesmith"], r["llamafactory"]
+            rows.append(f"| {r['case']} | {r['params'] / 1e6:.1f}M | {ts['supervised_tokens_per_s']:.0f} | "
+                        f"{lf['supervised_tokens_per_s']:.0f} | {r['speedup_tokens_per_s']:.2f}x | "
+                        f"{ts['peak_rss_mb']} MB | {lf['peak_rss_mb']} MB | {r['rss_ratio']:.2f} | "
+                        f"{ts['final_eval_loss']:.4f} / {lf['final_eval_loss']:.4f} |")
+    mfu = [f"- full fine-tune of the small model, {r['case'].rsplit('-', 1)[-1]}: {r['tokens_per_s']:.0f} tokens/s, "
+           f"{r['achieved_tflops']:.3f} TFLOP/s of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak: "
+           f"MFU {100 * r['mfu']:.1f}%" for r in lines if "mfu" in r]
+    samples = next((r["samples"] for r in lines if "samples" in r), "?")
+    return "\n".join([START, f"Measured on {machine}, {samples} synthetic long-tailed samples (10% held out), "
+                       "supervised tokens/s over each tool's own training time:", "", *rows, "", *mfu, END])
+
+
+def write_readme(lines: list[dict], machine: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + readme_table(lines, machine) + rest.split(END, 1)[1]
+        readme.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,small")
@@ -222,7 +254,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--no-mfu", action="store_true")
     parser.add_argument("--work", default=str(BENCH / "compare"))
+    parser.add_argument("--readme", metavar="JSONL", help="only rewrite the README table from saved JSON lines")
+    parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, torch threads = cores")
     args = parser.parse_args()
+    if args.readme:
+        write_readme([json.loads(l) for l in Path(args.readme).read_text().splitlines() if l.strip()], args.machine)
+        return
     lf_cli = ensure_llamafactory()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,11 @@ def write_folder(model: Any, tokenizer: Any, template: Any, cfg: Config, dtype: 
 
         save_template_info(tmp, template)
     (tmp / "README.md").write_text(model_card(cfg, dtype), encoding="utf-8")
+    from tunesmith.model.value_head import HEAD_FILE
+
+    for folder in adapter_paths(cfg)[-1:] or [cfg.model.model_name_or_path]:
+        if (Path(folder) / HEAD_FILE).is_file():  # a reward model's value head travels with it
+            shutil.copy2(Path(folder) / HEAD_FILE, tmp / HEAD_FILE)
 
 
 def save_legacy_shards(model: Any, out: Path, max_bytes: int) -> None:

@@ -80,7 +80,8 @@ class DataArgs:
 class FinetuningArgs:
     """What is trained and how."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = opt("sft", "Training stage: pre-training or supervised tuning.")
+    stage: Literal["pt", "sft", "rm", "dpo"] = opt(
+        "sft", "Training stage: pre-training, supervised tuning, reward model or direct preference optimisation.")
     finetuning_type: Literal["lora", "freeze", "full"] = opt("lora", "Which parameters train.")
     lora_target: str = opt(
         "all", "Modules that get LoRA: comma separated names (q_proj,v_proj) or `all` (every linear layer but "
@@ -104,6 +105,14 @@ class FinetuningArgs:
         None, "Freeze tuning: extra non-layer modules that train too (e.g. embed_tokens,norm)."
     )
     plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+    pref_beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (beta).")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = opt(
+        "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo needs no reference model).")
+    pref_ftx: float = opt(0.0, "dpo: weight of an extra sft loss on the chosen answers.")
+    simpo_gamma: float = opt(0.5, "dpo with pref_loss simpo: target reward margin.")
+    precompute_ref: bool = opt(
+        False, "dpo, full/freeze tuning: compute the reference log-probabilities once before training instead of "
+        "keeping a frozen copy of the model.")
 
 
 @dataclass
@@ -274,9 +283,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "use_llama_pro": "LLaMA Pro is not supported",
     "pissa_init": "PiSSA initialisation is not supported yet",
     "loraplus_lr_ratio": "LoRA+ is not supported yet",
-    "pref_beta": "preference training (rm/dpo) is not supported yet",
-    "pref_loss": "preference training (rm/dpo) is not supported yet",
-    "pref_ftx": "preference training (rm/dpo) is not supported yet",
     "export_quantization_bit": "quantized export is not supported yet",
     "export_hub_model_id": "pushing to a hub is not supported (offline tool)",
     "push_to_hub": "pushing to a hub is not supported (offline tool)",

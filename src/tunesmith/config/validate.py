@@ -38,8 +38,10 @@ def check_data(cfg: Config, need_dataset: bool = True) -> list[str]:
         problems.append(f"`max_samples` must be positive, got {d.max_samples}")
     if d.interleave_probs and d.mix_strategy == "concat":
         problems.append("`interleave_probs` needs `mix_strategy: interleave_under` or `interleave_over`")
-    if cfg.finetuning.stage in ("rm", "dpo"):
-        problems.append(f"`stage: {cfg.finetuning.stage}` is not supported yet; use pt or sft")
+    if cfg.finetuning.stage in ("rm", "dpo") and d.packing:
+        problems.append(f"`packing` does not apply to `stage: {cfg.finetuning.stage}` (pairs are kept whole)")
+    if cfg.finetuning.stage == "dpo" and cfg.finetuning.pref_beta <= 0:
+        problems.append(f"`pref_beta` must be positive, got {cfg.finetuning.pref_beta}")
     if cfg.finetuning.stage == "pt" and (d.train_on_prompt or d.mask_history):
         problems.append("`train_on_prompt` and `mask_history` apply to sft, not pt (pt trains on every token)")
     return problems

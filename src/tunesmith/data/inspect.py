@@ -28,8 +28,20 @@ def show_mask(ids: np.ndarray, labels: np.ndarray, tokenizer: Any) -> str:
     return "".join(out)
 
 
+def flat_sets(data: Datasets) -> dict[str, EncodedSet]:
+    """train/eval sets; preference pairs show as their chosen and rejected sides."""
+    sets: dict[str, Any] = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    flat = {}
+    for name, encoded in sets.items():
+        if isinstance(encoded, EncodedSet):
+            flat[name] = encoded
+        else:
+            flat[f"{name}_chosen"], flat[f"{name}_rejected"] = encoded.chosen, encoded.rejected
+    return flat
+
+
 def summarize(data: Datasets) -> dict[str, Any]:
-    sets = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    sets = flat_sets(data)
     lengths = np.concatenate([s.lengths for s in sets.values()])
     tokens = int(lengths.sum())
     supervised = sum(s.supervised_tokens() for s in sets.values())
@@ -84,11 +96,11 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     p = summary["length_percentiles"]
     print(f"tokens:        {summary['tokens']}  (length p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']})")
     print(f"supervised:    {summary['supervised_tokens']}  ({100 * summary['supervised_share']:.1f}% of tokens)")
-    ids, labels = data.train[0]
+    first = next(iter(flat_sets(data).values()))
+    ids, labels = first[0]
     print(f"\nexample (train sample 0, {len(ids)} tokens; loss on the text inside {MARK_OPEN} {MARK_CLOSE}):")
     print(show_mask(ids, labels, tokenizer))
     if extras.get("dump"):
-        sets = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
-        n = dump(str(extras["dump"]), sets, tokenizer)
+        n = dump(str(extras["dump"]), flat_sets(data), tokenizer)
         print(f"\nwrote {n} encoded samples to {Path(str(extras['dump']))}")
     return 0

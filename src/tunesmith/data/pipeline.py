@@ -85,7 +85,7 @@ class EncodedSet:
 
 @dataclass
 class Datasets:
-    train: EncodedSet
+    train: EncodedSet  # or EncodedPairs for stages rm and dpo
     eval: EncodedSet | None
     report: DataReport
     train_conversations: list[Conversation] | None = None  # only when freshly built (not from cache)
@@ -153,7 +153,9 @@ def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any],
 
 
 def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: ChatTemplate | None,
-               report: DataReport) -> EncodedSet:
+               report: DataReport) -> Any:
+    if cfg.finetuning.stage in ("rm", "dpo"):
+        return encode_all_pairs(conversations, cfg, tokenizer, template, report)
     d, samples = cfg.data, []
     for conv in conversations:
         try:
@@ -172,6 +174,26 @@ def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, t
         raise DataError("no samples left after encoding: " + ", ".join(
             f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
     return EncodedSet.from_samples(samples)
+
+
+def encode_all_pairs(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: Any,
+                     report: DataReport) -> Any:
+    from tunesmith.data.pairs import EncodedPairs, encode_pair
+
+    chosen, rejected = [], []
+    for conv in conversations:
+        try:
+            c, r = encode_pair(conv, template, tokenizer, cfg.data.cutoff_len, cfg.data.truncation)
+        except Dropped as drop:
+            report.samples_dropped[drop.reason] += 1
+            continue
+        report.truncated += c.truncated or r.truncated
+        chosen.append(c)
+        rejected.append(r)
+    if not chosen:
+        raise DataError("no preference pairs left after encoding: " + ", ".join(
+            f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
+    return EncodedPairs(EncodedSet.from_samples(chosen), EncodedSet.from_samples(rejected))
 
 
 def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None) -> str:
@@ -213,9 +235,12 @@ def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, u
     cache_dir = cache_root(cfg) / _fingerprint(cfg, tokenizer, template)
     if use_cache and not cfg.data.overwrite_cache and (cache_dir / "meta.json").is_file():
         meta = json.loads((cache_dir / "meta.json").read_text())
-        eval_set = EncodedSet.load(cache_dir / "eval.npz") if meta["has_eval"] else None
+        kind: Any = EncodedSet
+        if meta.get("pairs"):
+            from tunesmith.data.pairs import EncodedPairs as kind
+        eval_set = kind.load(cache_dir / "eval.npz") if meta["has_eval"] else None
         log.info("loaded tokenized data from cache %s", cache_dir)
-        return Datasets(EncodedSet.load(cache_dir / "train.npz"), eval_set, DataReport.from_dict(meta["report"]),
+        return Datasets(kind.load(cache_dir / "train.npz"), eval_set, DataReport.from_dict(meta["report"]),
                         cache_path=cache_dir)
     report = DataReport()
     seed = cfg.training.seed
@@ -234,14 +259,15 @@ def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, u
     return Datasets(train, eval_set, report, train_conversations=train_convs, cache_path=cache_dir)
 
 
-def _write_cache(cache_dir: Path, train: EncodedSet, eval_set: EncodedSet | None, report: DataReport) -> None:
+def _write_cache(cache_dir: Path, train: Any, eval_set: Any, report: DataReport) -> None:
     """Write to a temporary folder and rename, so a killed run never leaves a half cache that looks complete."""
     tmp = cache_dir.with_name(cache_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     train.save(tmp / "train.npz")
     if eval_set is not None:
         eval_set.save(tmp / "eval.npz")
-    (tmp / "meta.json").write_text(json.dumps({"has_eval": eval_set is not None, "report": report.to_dict()}))
+    meta = {"has_eval": eval_set is not None, "report": report.to_dict(), "pairs": not isinstance(train, EncodedSet)}
+    (tmp / "meta.json").write_text(json.dumps(meta))
     if cache_dir.exists():
         import shutil
 

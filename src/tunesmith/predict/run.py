@@ -25,8 +25,8 @@ def validate_for_predict(cfg: Config) -> None:
         problems.append("`dataset` (or `eval_dataset`) is required: the samples to predict")
     if not cfg.training.output_dir:
         problems.append("`output_dir` is required: where generated_predictions.jsonl goes")
-    if cfg.finetuning.stage != "sft":
-        problems.append(f"predicting with `stage: {cfg.finetuning.stage}` is not supported yet; use sft")
+    if cfg.finetuning.stage not in ("sft", "rm"):
+        problems.append(f"predicting with `stage: {cfg.finetuning.stage}` is not supported; use sft (or rm)")
     if cfg.training.per_device_eval_batch_size < 1:
         problems.append("`per_device_eval_batch_size` must be at least 1")
     raise_if(problems)
@@ -39,6 +39,36 @@ def label_of(conv: Conversation) -> str | None:
     last = conv.messages[-1]
     calls = [json.dumps({"name": c.name, "arguments": c.arguments}, ensure_ascii=False) for c in last.tool_calls]
     return "\n".join([last.content] * bool(last.content) + calls)
+
+
+def predict_rewards(cfg: Config, tokenizer: Any, template: Any, samples: list[Conversation], out: Path) -> int:
+    """stage rm: the chosen and rejected score of every pair, and how often chosen wins."""
+    from tunesmith.model.loading import load_for_inference
+    from tunesmith.model.value_head import HEAD_FILE, score_sequences
+
+    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    head_dir = adapters[-1] if adapters else cfg.model.model_name_or_path
+    if not (Path(head_dir) / HEAD_FILE).is_file():
+        from tunesmith.config.loader import ConfigError
+
+        raise ConfigError([f"no {HEAD_FILE} in `{head_dir}`: point adapter_name_or_path (or model_name_or_path) at a "
+                           "reward model trained with `stage: rm`"])
+    lm = load_for_inference(cfg)
+    rows = []
+    for conv in samples:
+        texts = [template.render_chat(Conversation(conv.messages + [answer], system=conv.system, tools=conv.tools)).text
+                 for answer in (conv.chosen, conv.rejected)]
+        chosen, rejected = score_sequences(lm, head_dir, tokenizer, texts)
+        rows.append({"prompt": template.render_prompt(conv), "chosen": conv.chosen.content,  # type: ignore[union-attr]
+                     "rejected": conv.rejected.content, "chosen_score": round(chosen, 6),  # type: ignore[union-attr]
+                     "rejected_score": round(rejected, 6)})
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "generated_predictions.jsonl", rows)
+    results = {"predict_samples": len(rows),
+               "predict_accuracy": round(sum(r["chosen_score"] > r["rejected_score"] for r in rows) / len(rows), 4)}
+    (out / "predict_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    return 0
 
 
 def load_samples(cfg: Config) -> list[Conversation]:
@@ -88,6 +118,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
 
         template = load_template("default", tokenizer, cfg.model.default_system)
     samples = load_samples(cfg)
+    if cfg.finetuning.stage == "rm":
+        return predict_rewards(cfg, tokenizer, template, samples, Path(cfg.training.output_dir))  # type: ignore[arg-type]
     prompts = truncate_prompts([template.render_prompt(c) for c in samples], tokenizer, cfg.data.cutoff_len)
     labels = [label_of(c) for c in samples]
     engine = make_engine(cfg, tokenizer, template)

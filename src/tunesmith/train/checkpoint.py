@@ -71,6 +71,10 @@ def save_weights(model: Any, out: Path) -> None:
 def load_trainable_weights(model: Any, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
+    if hasattr(model, "load_head"):  # a reward model: the value head, then its language model
+        model.load_head(checkpoint)
+        model = model.lm
+
     if (checkpoint / "adapter_model.safetensors").is_file():
         from peft import set_peft_model_state_dict
 

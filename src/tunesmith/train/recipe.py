@@ -20,10 +20,8 @@ import torch
 from tunesmith.config import Config, config_to_yaml
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
-from tunesmith.data.batching import collate
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
-from tunesmith.train.loss import token_loss_sum
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
@@ -58,52 +56,62 @@ class Trainer:
         self.total_steps = s.total_steps
         self.eval_every = t.eval_steps or t.logging_steps
         self.state = ckpt.TrainerState()
-        self.window = {"loss": 0.0, "tokens": 0, "time": time.time(), "all_tokens": 0}
-        self.run_loss = {"loss": 0.0, "tokens": 0}
+        self.window = self.new_window()
+        self.run_loss = {"loss": 0.0, "units": 0}
         self.logger: TrainLogger | None = None
 
+    @staticmethod
+    def new_window() -> dict[str, Any]:
+        return {"sums": {}, "units": 0, "time": time.time(), "all_tokens": 0}
+
     # ---------------------------------------------------------------- one optimizer step
-    def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, float]:
-        s, acc = self.s, self.s.accelerator
-        batches = [collate(s.data.train, units, s.padding_free, s.pad_id).to(acc.device) for units in window]
-        n_global = int(acc.reduce(torch.tensor(sum(b.n_targets for b in batches), device=acc.device), "sum"))
+    def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, Any]:
+        s, acc, objective = self.s, self.s.accelerator, self.s.objective
+        # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
+        batches = [(objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0)
+                   for units in window]
+        local = sum(objective.count(b) * weight for b, weight in batches)
+        n_global = int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
         s.model.train()
-        loss_sum = torch.zeros((), device=acc.device)
-        for k, batch in enumerate(batches):
+        sums = {name: torch.zeros((), device=acc.device) for name in objective.metric_names}
+        for k, (batch, weight) in enumerate(batches):
             sync = contextlib.nullcontext() if k == len(batches) - 1 else acc.no_sync(s.model)
             with sync, acc.autocast():
-                loss, _ = token_loss_sum(s.model, batch)
-                # DDP averages gradients over ranks; scaling by world size turns that into a global token mean.
-                acc.backward(loss * acc.num_processes / max(n_global, 1))
-            loss_sum += loss.detach()
+                loss, metrics = objective.loss_sum(s.model, batch)
+                # DDP averages gradients over ranks; scaling by world size turns that into a global mean.
+                acc.backward(loss * weight * acc.num_processes / max(n_global, 1))
+            for name, value in metrics.items():
+                sums[name] += value.float() * weight
         max_norm = self.cfg.training.max_grad_norm
         grad_norm = acc.clip_grad_norm_(s.trainable, max_norm if max_norm > 0 else float("inf"))
         s.optimizer.step()
         s.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        all_tokens = sum(int(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum())
-                         for b in batches)
-        return {"loss_sum": float(acc.reduce(loss_sum, "sum")), "tokens": n_global,
+        all_tokens = sum(int(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum()) * w
+                         for b, w in batches)
+        return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
                 "grad_norm": float(grad_norm), "all_tokens": all_tokens * acc.num_processes}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        s, acc = self.s, self.s.accelerator
+        """Every metric of the objective averaged over the whole eval set (tokens or pairs), all ranks."""
+        s, acc, objective = self.s, self.s.accelerator, self.s.objective
         s.model.eval()
-        total = torch.zeros((), device=acc.device, dtype=torch.float64)
+        sums = {name: torch.zeros((), device=acc.device, dtype=torch.float64) for name in objective.metric_names}
         count = torch.zeros((), device=acc.device, dtype=torch.float64)
         for units in s.eval_plan.micro_batches(0):  # type: ignore[union-attr]
             if not units:
                 continue
-            batch = collate(s.data.eval, units, s.padding_free, s.pad_id).to(acc.device)  # type: ignore[arg-type]
+            batch = objective.collate(s.data.eval, units).to(acc.device)
             with acc.autocast():
-                loss, n = token_loss_sum(s.model, batch)
-            total += loss.double()
-            count += n
-        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+                _, metrics = objective.loss_sum(s.model, batch)
+            for name, value in metrics.items():
+                sums[name] += value.double()
+            count += objective.count(batch)
+        count = acc.reduce(count, "sum").clamp(min=1)
         s.model.train()
-        return {"eval_loss": float(total / count.clamp(min=1))}
+        return {f"eval_{name}": float(acc.reduce(value, "sum") / count) for name, value in sums.items()}
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -128,9 +136,10 @@ class Trainer:
         self.logger.close()
         runtime = time.time() - started
         return {"epoch": round(self.epoch_float(), 4),
-                "train_loss": self.run_loss["loss"] / max(self.run_loss["tokens"], 1),
+                "train_loss": self.run_loss["loss"] / max(self.run_loss["units"], 1),
                 "train_runtime": round(runtime, 3), "train_steps_per_second": round(steps_run / runtime, 3),
-                "train_supervised_tokens_per_second": round(self.run_loss["tokens"] / runtime, 1)}
+                f"train_{self.s.objective.unit}_per_second": round(self.run_loss["units"] / runtime, 1),
+                **peak_memory()}
 
     def epoch_float(self) -> float:
         n = len(self.s.plan)
@@ -139,22 +148,24 @@ class Trainer:
     def after_step(self, metrics: dict[str, float], epoch_done: bool) -> None:
         st, t = self.state, self.cfg.training
         w = self.window
-        w["loss"] += metrics["loss_sum"]
-        w["tokens"] += metrics["tokens"]
+        for name, value in metrics["sums"].items():
+            w["sums"][name] = w["sums"].get(name, 0.0) + value
+        w["units"] += metrics["units"]
         w["all_tokens"] += metrics["all_tokens"]
-        self.run_loss["loss"] += metrics["loss_sum"]
-        self.run_loss["tokens"] += metrics["tokens"]
+        self.run_loss["loss"] += metrics["sums"]["loss"]
+        self.run_loss["units"] += metrics["units"]
         lr = self.s.scheduler.get_last_lr()[0]
-        self.logger.advance(st.global_step, metrics["loss_sum"] / max(metrics["tokens"], 1), lr)  # type: ignore
+        self.logger.advance(st.global_step, metrics["sums"]["loss"] / max(metrics["units"], 1), lr)  # type: ignore
         last = st.global_step >= self.total_steps
         if st.global_step % t.logging_steps == 0 or last:
             elapsed = max(time.time() - w["time"], 1e-9)
-            entry = {"loss": round(w["loss"] / max(w["tokens"], 1), 6), "lr": lr, "epoch": round(self.epoch_float(), 4),
+            means = {name: round(value / max(w["units"], 1), 6) for name, value in w["sums"].items()}
+            entry = {**means, "lr": lr, "epoch": round(self.epoch_float(), 4),
                      "grad_norm": round(metrics["grad_norm"], 6),
-                     "supervised_tokens_per_s": round(w["tokens"] / elapsed, 1),
+                     f"{self.s.objective.unit}_per_s": round(w["units"] / elapsed, 1),
                      "tokens_per_s": round(w["all_tokens"] / elapsed, 1)}
             st.log_history.append(self.logger.record(entry, st.global_step))  # type: ignore[union-attr]
-            self.window = {"loss": 0.0, "tokens": 0, "time": time.time(), "all_tokens": 0}
+            self.window = self.new_window()
         evaluated = None
         if self.s.eval_plan is not None and ((t.eval_strategy == "steps" and st.global_step % self.eval_every == 0)
                                              or (t.eval_strategy == "epoch" and epoch_done)):
@@ -178,6 +189,16 @@ class Trainer:
                              s.scheduler, st, acc.process_index, acc.is_main_process, acc.wait_for_everyone)
         if acc.is_main_process:
             ckpt.rotate(self.out, t.save_total_limit, st.best_checkpoint)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak host RSS of this process and, on a GPU, peak allocated GPU memory."""
+    import resource
+
+    out = {"train_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["train_peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    return out
 
 
 def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
@@ -215,6 +236,17 @@ def trim_log(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in lines))
 
 
+def advise_multi_gpu() -> None:
+    """Several GPUs but one process: say exactly how to use them all."""
+    import sys
+
+    n = torch.cuda.device_count()
+    if n > 1 and "WORLD_SIZE" not in os.environ:
+        args = " ".join(sys.argv[2:])
+        log.warning("%d GPUs are visible but this is a single process (using one GPU). To train on all of them:\n"
+                    "  torchrun --nproc_per_node %d -m tunesmith.cli train %s", n, n, args)
+
+
 def run(cfg: Config, extras: dict[str, Any]) -> int:
     if not cfg.training.do_train:
         if cfg.training.do_predict:  # the classic `train --do_predict --predict_with_generate` spelling
@@ -224,6 +256,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
     validate_for_train(cfg)
     resume = find_resume_point(cfg)
+    advise_multi_gpu()
     s = build_setup(cfg)
     trainer = Trainer(cfg, s)
     out = trainer.out
@@ -252,7 +285,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         summary = f"done: {trainer.state.global_step} steps in {results['train_runtime']:.1f}s, " \
                   f"train_loss {results['train_loss']:.4f}" + \
                   (f", eval_loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "") + \
-                  f", {results['train_supervised_tokens_per_second']:.0f} supervised tokens/s -> {out}"
+                  f", {results[f'train_{s.objective.unit}_per_second']:.0f} {s.objective.unit.replace('_', ' ')}/s -> {out}"
         print(summary)
     s.accelerator.end_training()
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import Config
+from tunesmith.config.loader import ConfigError
 from tunesmith.data.batching import BatchPlan, collate
 from tunesmith.data.pipeline import Datasets, EncodedSet, build_datasets
 
@@ -31,6 +32,7 @@ class Setup:
     padding_free: bool
     pad_id: int
     total_steps: int
+    objective: Any
 
 
 def make_accelerator(cfg: Config) -> Any:
@@ -94,6 +96,62 @@ def use_varlen_attention(model: Any) -> None:
     base.set_attn_implementation(register())
 
 
+def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool, pad_id: int,
+                    device: Any) -> tuple[Any, Any]:
+    """The stage's objective; for rm the model gains a value head, for dpo a reference."""
+    from tunesmith.train import objectives
+
+    f = cfg.finetuning
+    if f.stage in ("pt", "sft"):
+        return model, objectives.LMObjective(padding_free, pad_id)
+    if f.stage == "rm":
+        from tunesmith.model.value_head import RewardModel
+
+        reward = RewardModel(model, model.config.hidden_size, cfg.training.seed).to(device)
+        return reward, objectives.RewardObjective()
+    return model, objectives.DPOObjective(f.pref_beta, f.pref_loss, f.pref_ftx, f.simpo_gamma,
+                                          None if f.pref_loss == "simpo" else reference_for(model, cfg, data))
+
+
+def reference_for(model: Any, cfg: Config, data: Datasets) -> Any:
+    """dpo's reference log-probabilities: LoRA -> the same model with the adapter disabled (no second copy);
+    full/freeze -> a frozen copy, or a table computed once before training (`precompute_ref`)."""
+    import copy
+
+    from tunesmith.data.pairs import collate_pairs
+    from tunesmith.train.objectives import sequence_logps
+
+    if cfg.finetuning.finetuning_type == "lora":
+        def with_adapter_disabled(batch: Any) -> torch.Tensor:
+            peft_model = getattr(model, "module", model)
+            with peft_model.disable_adapter():
+                return sequence_logps(model, batch)[0]
+        return with_adapter_disabled
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if not cfg.finetuning.precompute_ref:
+        return lambda batch: sequence_logps(frozen, batch)[0]
+    tables = {}
+    device = next(frozen.parameters()).device
+    with torch.no_grad():
+        for split in (data.train, data.eval):
+            if split is not None:
+                rows = [sequence_logps(frozen, collate_pairs(split, [[i]]).to(device))[0] for i in range(len(split))]
+                tables[id(split)] = torch.stack(rows)  # [pairs, 2]
+    del frozen
+    return PrecomputedReference(tables)
+
+
+class PrecomputedReference:
+    """Looks up reference log-probabilities by pair index; the batch's source set is found by identity."""
+
+    def __init__(self, tables: dict[int, torch.Tensor]):
+        self.tables = tables
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        table = self.tables[batch.source]
+        return table[batch.pair_index].reshape(-1).to(batch.input_ids.device)
+
+
 def count_steps(plan: BatchPlan, cfg: Config) -> int:
     t = cfg.training
     steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
@@ -138,9 +196,14 @@ def build_setup(cfg: Config) -> Setup:
     padding_free = cfg.model.attn_implementation == "flash_attention_2" or padding_free_works(
         model, model.config.vocab_size)
     if not padding_free:
+        if cfg.finetuning.stage in ("rm", "dpo"):
+            raise ConfigError([f"`stage: {cfg.finetuning.stage}` needs a model whose attention honours packed "
+                               "position ids (sdpa, eager or flash_attention_2 in transformers)"])
         log.warning("this model's attention does not honour packed position ids; using padded batches")
     elif cfg.model.attn_implementation in ("auto", "sdpa"):
         use_varlen_attention(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model, objective = build_objective(model, cfg, data, padding_free, pad_id, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     packing_len = cfg.data.cutoff_len if cfg.data.packing else None
     plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
@@ -152,6 +215,5 @@ def build_setup(cfg: Config) -> Setup:
     if t.torch_compile:
         model = torch.compile(model, dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return Setup(accelerator, tokenizer, template, data, model, trainable, optimizer, scheduler, plan, eval_plan,
-                 padding_free, pad_id, total_steps)
+                 padding_free, pad_id, total_steps, objective)

@@ -1,0 +1,89 @@
+"""Preference pairs (stages rm and dpo): the prompt with the chosen answer and with the rejected one.
+
+Both sequences are encoded like sft samples with only the final answer supervised. A micro-batch of b pairs is
+one padding-free row laid out chosen_1, rejected_1, chosen_2, rejected_2, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunesmith.data.batching import IGNORE, _shifted
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.encode import Dropped, encode_chat
+
+
+@dataclass
+class PairBatch:
+    input_ids: torch.Tensor      # [1, T]
+    position_ids: torch.Tensor   # [1, T]
+    targets: torch.Tensor        # [1, T]: next token to predict at answer positions, else -100
+    seq_bounds: list[int]        # 2b + 1 offsets: sequence k spans seq_bounds[k]:seq_bounds[k+1]
+    pair_index: list[int]        # dataset index of each pair (for precomputed reference log-probs)
+    source: int = 0              # id() of the EncodedPairs the pairs come from
+    attention_mask: None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_index)
+
+    def to(self, device: torch.device) -> "PairBatch":
+        return replace(self, input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
+                       targets=self.targets.to(device))
+
+
+class EncodedPairs:
+    """chosen[i] and rejected[i] are the two sequences of pair i (each an EncodedSet row)."""
+
+    def __init__(self, chosen: Any, rejected: Any):
+        self.chosen, self.rejected = chosen, rejected
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.chosen.lengths + self.rejected.lengths
+
+    def save(self, path: Path) -> None:
+        self.chosen.save(path.with_name(path.stem + "_chosen.npz"))
+        self.rejected.save(path.with_name(path.stem + "_rejected.npz"))
+
+    @classmethod
+    def load(cls, path: Path) -> "EncodedPairs":
+        from tunesmith.data.pipeline import EncodedSet
+
+        return cls(EncodedSet.load(path.with_name(path.stem + "_chosen.npz")),
+                   EncodedSet.load(path.with_name(path.stem + "_rejected.npz")))
+
+
+def encode_pair(conv: Conversation, template: Any, tokenizer: Any, cutoff_len: int, truncation: str) -> tuple:
+    """(chosen Encoded, rejected Encoded); the pair is dropped if either side cannot be kept."""
+    out = []
+    for answer in (conv.chosen, conv.rejected):
+        full = Conversation(conv.messages + [answer], system=conv.system, tools=conv.tools)  # type: ignore[list-item]
+        out.append(encode_chat(template.render_chat(full), tokenizer, cutoff_len, mask_history=True,
+                               truncation=truncation))
+    if not any(label != IGNORE for label in out[0].labels) or not any(l != IGNORE for l in out[1].labels):
+        raise Dropped("no supervised tokens")
+    return out[0], out[1]
+
+
+def collate_pairs(data: EncodedPairs, units: list[list[int]]) -> PairBatch:
+    ids, targets, positions, bounds, index = [], [], [], [0], []
+    for unit in units:
+        for i in unit:
+            index.append(i)
+            for side in (data.chosen, data.rejected):
+                seq, labels = side[i]
+                ids.append(seq)
+                targets.append(_shifted(labels))
+                positions.append(np.arange(len(seq)))
+                bounds.append(bounds[-1] + len(seq))
+    as_row = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))[None]  # noqa: E731
+    return PairBatch(as_row(ids), as_row(positions), as_row(targets), bounds, index, id(data))

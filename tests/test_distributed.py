@@ -1,0 +1,93 @@
+"""Several processes on this CPU (gloo): 2 ranks x batch b equal 1 rank x batch 2b; resume across ranks; two
+"nodes" on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, write_dataset
+from test_train import sft_rows
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests run on Linux")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def args_for(tmp_path, model_dir, out, *extra):
+    return ["train", f"model_name_or_path={model_dir}", f"dataset_dir={tmp_path / 'data'}", f"output_dir={out}",
+            f"data_cache_dir={tmp_path / 'cache'}", "dataset=sft", "template=chatml", "cutoff_len=64",
+            "learning_rate=1e-2", "lr_scheduler_type=constant", "logging_steps=1", "save_strategy=no",
+            "disable_tqdm=true", "seed=1", *extra]
+
+
+def launch(cmds: list[list[str]], timeout: int = 300) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+
+
+def torchrun(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        cmd += [f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "tunesmith.cli", *train_args]
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in (out / "trainer_log.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+@pytest.fixture()
+def data(tmp_path):
+    write_dataset(tmp_path / "data", "sft", sft_rows(30))  # 30 samples: the last step has an uneven split
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, tiny_model_dir, data, kind):
+    extra = [f"finetuning_type={kind}", "num_train_epochs=1", "lora_target=all"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch([[sys.executable, "-m", "tunesmith.cli", *args_for(tmp_path, tiny_model_dir, one, *extra,
+                                                              "per_device_train_batch_size=4")]])
+    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, two, *extra, "per_device_train_batch_size=2"))])
+    assert len(losses(one)) == 8  # ceil(30 / 4) steps, the last one with 2 samples
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+
+
+def test_two_rank_resume_and_two_nodes(tmp_path, tiny_model_dir, data):
+    common = ["finetuning_type=lora", "max_steps=4", "save_strategy=steps", "save_steps=2", "lora_dropout=0.1",
+              "per_device_train_batch_size=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, straight, *common))])
+    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, stopped, *common))])
+    assert {p.name for p in (stopped / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth",
+                                                                                   "rng_state_1.pth"}
+    for item in stopped.iterdir():
+        if item.name not in ("checkpoint-2", "tunesmith_config.yaml", "trainer_log.jsonl"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    launch([torchrun(2, ["train", str(stopped / "tunesmith_config.yaml")])])
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(stopped / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # two "nodes" of one process each on 127.0.0.1 train together like the 2-rank run
+    nodes = tmp_path / "nodes"
+    port = free_port()
+    launch([torchrun(1, args_for(tmp_path, tiny_model_dir, nodes, *common), nnodes=2, node_rank=r, port=port)
+            for r in (0, 1)])
+    assert losses(nodes) == pytest.approx(losses(straight), rel=1e-5)
