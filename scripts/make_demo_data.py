@@ -141,19 +141,22 @@ def openai_messages(rng: random.Random, n: int) -> list[dict]:
 
 
 def preference(rng: random.Random, n: int) -> list[dict]:
+    """Chosen: correct, confident, well-formed. Rejected: wrong, and hedged or sloppy, so a small model can learn
+    the preference from both content and form."""
+    hedges = ["maybe {x}?", "i think it is {x}", "{x}!!!", "not sure... {x}", "um, {x} probably"]
     rows = []
     for _ in range(n):
+        hedge = rng.choice(hedges)
         if rng.random() < 0.5:
             a, b = rng.randint(2, 99), rng.randint(2, 99)
             wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3, 10])
             rows.append({"instruction": f"What is {a} plus {b}?", "input": "",
-                         "chosen": f"{a} + {b} = {a + b}.", "rejected": f"{a} + {b} = {wrong}."})
+                         "chosen": f"{a} + {b} = {a + b}.", "rejected": hedge.format(x=wrong)})
         else:
             country, capital, _, _ = rng.choice(COUNTRIES)
             other = rng.choice([c for c in COUNTRIES if c[1] != capital])[1]
             rows.append({"instruction": f"What is the capital of {country}?", "input": "",
-                         "chosen": f"The capital of {country} is {capital}.",
-                         "rejected": f"The capital of {country} is {other}."})
+                         "chosen": f"The capital of {country} is {capital}.", "rejected": hedge.format(x=other)})
     return rows
 
 

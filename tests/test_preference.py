@@ -27,7 +27,7 @@ def pref_dir(tmp_path):
 def train(tmp_path, model, data_dir, name, *extra):
     out = tmp_path / name
     args = ["train", f"model_name_or_path={model}", f"dataset_dir={data_dir}", f"output_dir={out}",
-            f"data_cache_dir={tmp_path / 'cache'}", "template=chatml", "cutoff_len=128", "logging_steps=1",
+            f"data_cache_dir={tmp_path / 'cache'}", "dataset=pairs", "template=chatml", "cutoff_len=128", "logging_steps=1",
             "per_device_train_batch_size=4", "save_strategy=no", "disable_tqdm=true", "seed=3", *extra]
     assert main(args) == 0
     return out
@@ -106,7 +106,7 @@ def test_dpo_ftx_adds_the_chosen_nll(tmp_path, tiny_model_dir, pref_dir, tokeniz
 
 def test_rm_learns_the_demo_preference_and_predicts(tmp_path):
     out = train(tmp_path, TINY_MODEL, DATA_DIR, "rm_demo", "stage=rm", "dataset=preference_demo", "val_size=0.1",
-                "lora_target=all", "lora_rank=16", "learning_rate=2e-3", "num_train_epochs=2", "cutoff_len=96",
+                "lora_target=all", "lora_rank=16", "learning_rate=1e-3", "num_train_epochs=2", "cutoff_len=96",
                 "per_device_train_batch_size=8", "do_eval=true", "logging_steps=10")
     accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
     assert accuracy >= 0.9
