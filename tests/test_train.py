@@ -173,12 +173,12 @@ def test_outputs_logs_and_plots(tmp_path, tiny_model_dir, data_dir):
 
 
 def test_load_best_model_at_end_picks_the_best_checkpoint(tmp_path, tiny_model_dir, data_dir):
-    # A learning rate this high makes the eval loss go down, then up: the best is not the last.
+    # greater_is_better on a falling eval loss makes an early checkpoint the best one, so the best is not the last.
     out = train(tmp_path, tiny_model_dir, data_dir, "best", "finetuning_type=full", "max_steps=8",
                 "val_size=4", "eval_strategy=steps", "eval_steps=2", "save_strategy=steps", "save_steps=2",
-                "load_best_model_at_end=true", "save_total_limit=1", "learning_rate=0.3")
+                "load_best_model_at_end=true", "save_total_limit=1", "greater_is_better=true")
     evals = [l for l in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines()) if "eval_loss" in l]
-    best = min(evals, key=lambda l: l["eval_loss"])
+    best = max(evals, key=lambda l: l["eval_loss"])
     assert best["current_steps"] < evals[-1]["current_steps"], "the test needs a best that is not the last"
     best_dir = out / f"checkpoint-{best['current_steps']}"
     assert best_dir.is_dir(), "the best checkpoint must survive rotation"
