@@ -15,9 +15,9 @@ HELP = "Type a message. `clear` forgets the conversation, `exit` quits, Ctrl-C s
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
     raise_if(check_model(cfg) + check_finetuning(cfg))
-    from tunesmith.infer.chat_engine import ChatEngine
+    from tunesmith.infer.chat_engine import make_chat_engine
 
-    engine = ChatEngine(cfg)
+    engine = make_chat_engine(cfg)
     conv = Conversation(system=cfg.model.default_system)
     print(HELP, flush=True)
     while True:

@@ -137,3 +137,12 @@ def generation_for(base: GenerationArgs, max_tokens: int | None, temperature: fl
     if top_p is not None:
         gen.top_p = top_p
     return gen
+
+
+def make_chat_engine(cfg: Config) -> Any:
+    """ChatEngine (transformers) or, with `infer_backend: vllm`, the same interface on vLLM."""
+    if cfg.model.infer_backend == "vllm":
+        from tunesmith.infer.vllm import VLLMChatEngine
+
+        return VLLMChatEngine(cfg)
+    return ChatEngine(cfg)

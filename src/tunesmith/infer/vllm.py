@@ -54,3 +54,44 @@ class VLLMEngine:
         requests = [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
         outputs = self.llm.generate(requests, self.params, lora_request=self.lora)
         return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
+
+
+class VLLMChatEngine:
+    """The ChatEngine interface (chat and serve) on vLLM's offline engine. vLLM's `LLM` returns whole answers,
+    so `stream` yields the answer in one piece."""
+
+    def __init__(self, cfg: Config):
+        from tunesmith.data.templates import load_template
+        from tunesmith.model.tokenizer import load_inference_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer, template = load_inference_tokenizer(cfg)
+        self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
+        self.engine = VLLMEngine(cfg, self.template.stop)
+        self.max_length = cfg.data.cutoff_len + cfg.generation.max_new_tokens
+
+    def prompt_ids(self, conv: Any) -> list[int]:
+        return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
+
+    def _generate(self, prompt: list[int], gen: Any, extra_stops: list[str] | None, seed: int | None) -> Any:
+        vllm = import_vllm()
+        cfg = self.cfg
+        cfg.generation = gen
+        kwargs = sampling_kwargs(cfg, self.template.stop + list(extra_stops or []))
+        params = vllm.SamplingParams(**kwargs, seed=seed)
+        out = self.engine.llm.generate([{"prompt_token_ids": prompt}], params, lora_request=self.engine.lora)
+        return out[0].outputs[0]
+
+    def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
+               seed: int | None = None) -> Any:
+        yield self._generate(prompt, gen, extra_stops, seed).text
+
+    def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
+               tools: bool = False) -> Any:
+        from tunesmith.infer.chat_engine import Answer, parse_tool_calls
+
+        output = self._generate(prompt, gen, extra_stops, seed)
+        text, calls = parse_tool_calls(output.text) if tools else (output.text, [])
+        n = len(output.token_ids)
+        finish = "tool_calls" if calls else ("length" if n >= gen.max_new_tokens else "stop")
+        return Answer(text, calls, n, finish)
