@@ -89,11 +89,11 @@ def test_vllm_backend_errors_clearly_when_missing():
     from tunesmith.infer.vllm import sampling_kwargs
 
     cfg = load_config(["do_sample=true", "temperature=0.5", "top_p=0.9", "top_k=20", "max_new_tokens=7"])
-    assert sampling_kwargs(cfg, ["<|im_end|>"]) == {"max_tokens": 7, "repetition_penalty": 1.0,
+    assert sampling_kwargs(cfg.generation, ["<|im_end|>"]) == {"max_tokens": 7, "repetition_penalty": 1.0,
                                                     "stop": ["<|im_end|>"], "temperature": 0.5, "top_p": 0.9,
                                                     "top_k": 20}
     cfg.generation.do_sample = False
-    assert sampling_kwargs(cfg, [])["temperature"] == 0.0
+    assert sampling_kwargs(cfg.generation, [])["temperature"] == 0.0
     if importlib.util.find_spec("vllm") is None:
         from tunesmith.infer.vllm import import_vllm
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunesmith.config import Config
+from tunesmith.config.fields import GenerationArgs
 from tunesmith.config.loader import ConfigError
 from tunesmith.infer import Generation
 
@@ -18,9 +19,8 @@ def import_vllm() -> Any:
     return vllm
 
 
-def sampling_kwargs(cfg: Config, stops: list[str]) -> dict[str, Any]:
+def sampling_kwargs(g: GenerationArgs, stops: list[str]) -> dict[str, Any]:
     """tunesmith's generation settings as vllm.SamplingParams arguments (greedy = temperature 0)."""
-    g = cfg.generation
     if g.num_beams > 1:
         raise ConfigError(["`num_beams` > 1 is not supported with `infer_backend: vllm`; use `infer_backend: hf`"])
     kwargs: dict[str, Any] = {"max_tokens": g.max_new_tokens, "repetition_penalty": g.repetition_penalty,
@@ -46,7 +46,7 @@ class VLLMEngine:
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("adapter", 1, adapters[0])
-        self.params = vllm.SamplingParams(**sampling_kwargs(cfg, stops))
+        self.params = vllm.SamplingParams(**sampling_kwargs(cfg.generation, stops))
 
     def generate(self, prompts: list[str], batch_size: int) -> list[Generation]:
         # token ids, not text: the rendered prompt already holds any BOS the template wants
@@ -75,9 +75,7 @@ class VLLMChatEngine:
 
     def _generate(self, prompt: list[int], gen: Any, extra_stops: list[str] | None, seed: int | None) -> Any:
         vllm = import_vllm()
-        cfg = self.cfg
-        cfg.generation = gen
-        kwargs = sampling_kwargs(cfg, self.template.stop + list(extra_stops or []))
+        kwargs = sampling_kwargs(gen, self.template.stop + list(extra_stops or []))
         params = vllm.SamplingParams(**kwargs, seed=seed)
         out = self.engine.llm.generate([{"prompt_token_ids": prompt}], params, lora_request=self.engine.lora)
         return out[0].outputs[0]
