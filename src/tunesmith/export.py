@@ -24,10 +24,6 @@ log = logging.getLogger("tunesmith.export")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def adapter_paths(cfg: Config) -> list[str]:
-    return [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
-
-
 def validate_for_export(cfg: Config, force: bool) -> Path:
     problems = check_model(cfg) + check_finetuning(cfg)
     if not cfg.export.export_dir:
@@ -48,7 +44,7 @@ def load_merged(cfg: Config, dtype: Any) -> Any:
     from tunesmith.model.loading import load_model
 
     model = load_model(cfg, dtype, for_training=False)
-    for path in adapter_paths(cfg):
+    for path in cfg.adapter_paths():
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     return model
 
@@ -64,7 +60,7 @@ def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
 
 
 def model_card(cfg: Config, dtype: Any) -> str:
-    adapters = adapter_paths(cfg)
+    adapters = cfg.adapter_paths()
     training = ""
     for path in adapters[-1:]:
         config_file = Path(path) / "tunesmith_config.yaml"
@@ -103,7 +99,7 @@ def write_folder(model: Any, tokenizer: Any, template: Any, cfg: Config, dtype: 
     (tmp / "README.md").write_text(model_card(cfg, dtype), encoding="utf-8")
     from tunesmith.model.value_head import HEAD_FILE
 
-    for folder in adapter_paths(cfg)[-1:] or [cfg.model.model_name_or_path]:
+    for folder in cfg.adapter_paths()[-1:] or [cfg.model.model_name_or_path]:
         if (Path(folder) / HEAD_FILE).is_file():  # a reward model's value head travels with it
             shutil.copy2(Path(folder) / HEAD_FILE, tmp / HEAD_FILE)
 
@@ -156,8 +152,8 @@ def load_merged_reference(cfg: Config, dtype: Any) -> Any:
     from tunesmith.model.loading import load_model
 
     model = load_model(cfg, dtype, for_training=False)
-    for i, path in enumerate(adapter_paths(cfg)):
-        model = PeftModel.from_pretrained(model, path) if i == len(adapter_paths(cfg)) - 1 else \
+    for i, path in enumerate(cfg.adapter_paths()):
+        model = PeftModel.from_pretrained(model, path) if i == len(cfg.adapter_paths()) - 1 else \
             PeftModel.from_pretrained(model, path).merge_and_unload()
     return model.eval()
 

@@ -244,6 +244,10 @@ class Config:
     export: ExportArgs = field(default_factory=ExportArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
 
+    def adapter_paths(self) -> list[str]:
+        """`adapter_name_or_path` as a list, in the order the adapters apply."""
+        return [p.strip() for p in (self.model.adapter_name_or_path or "").split(",") if p.strip()]
+
     def to_flat_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for name in GROUPS:

@@ -112,9 +112,9 @@ def check_finetuning(cfg: Config) -> list[str]:
         problems.append(f"`lora_dropout` must be in [0, 1), got {f.lora_dropout}")
     if cfg.model.adapter_name_or_path and f.finetuning_type != "lora":
         problems.append("`adapter_name_or_path` (checkpoint_dir) needs `finetuning_type: lora`")
-    for path in (cfg.model.adapter_name_or_path or "").split(","):
-        if path.strip() and not Path(path.strip()).exists():
-            problems.append(f"adapter folder `{path.strip()}` does not exist")
+    for path in cfg.adapter_paths():
+        if not Path(path).exists():
+            problems.append(f"adapter folder `{path}` does not exist")
     return problems
 
 

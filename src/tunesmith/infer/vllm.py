@@ -33,7 +33,7 @@ def sampling_kwargs(g: GenerationArgs, stops: list[str]) -> dict[str, Any]:
 class VLLMEngine:
     def __init__(self, cfg: Config, stops: list[str]):
         vllm = import_vllm()
-        adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+        adapters = cfg.adapter_paths()
         if len(adapters) > 1:
             raise ConfigError(["vLLM applies one LoRA adapter at a time; merge the others first with "
                                "`tunesmith export`"])

@@ -65,7 +65,7 @@ def load_for_inference(cfg: Config) -> Any:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = "auto" if cfg.model.infer_dtype == "auto" else dtypes[cfg.model.infer_dtype]
     model = load_model(cfg, dtype, for_training=False)
-    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    adapters = cfg.adapter_paths()
     if adapters:
         from peft import PeftModel
 

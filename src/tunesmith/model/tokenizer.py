@@ -36,7 +36,7 @@ def load_inference_tokenizer(cfg: Config) -> tuple[Any, Any]:
 
     from tunesmith.data.templates import load_template
 
-    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    adapters = cfg.adapter_paths()
     if adapters and (Path(adapters[-1]) / "tokenizer_config.json").is_file():
         cfg = copy.deepcopy(cfg)
         cfg.model.model_name_or_path = adapters[-1]

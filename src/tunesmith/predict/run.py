@@ -46,7 +46,7 @@ def predict_rewards(cfg: Config, tokenizer: Any, template: Any, samples: list[Co
     from tunesmith.model.loading import load_for_inference
     from tunesmith.model.value_head import HEAD_FILE, score_sequences
 
-    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    adapters = cfg.adapter_paths()
     head_dir = adapters[-1] if adapters else cfg.model.model_name_or_path
     if not (Path(head_dir) / HEAD_FILE).is_file():
         from tunesmith.config.loader import ConfigError
