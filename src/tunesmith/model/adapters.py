@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -45,7 +46,9 @@ def apply_lora(model: Any, cfg: Config) -> Any:
     lora = LoraConfig(task_type="CAUSAL_LM", r=f.lora_rank, lora_alpha=f.lora_alpha or 2 * f.lora_rank,
                       lora_dropout=f.lora_dropout, target_modules=targets, use_rslora=f.use_rslora,
                       use_dora=f.use_dora, modules_to_save=_split(f.additional_target) or None)
-    return get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft asks transformers a question it has deprecated; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
 
 
 def apply_freeze(model: Any, cfg: Config) -> Any:
