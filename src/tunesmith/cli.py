@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 USAGE = """usage: tunesmith <command> [config.yaml] [key=value ...] [--key value ...]
 
 commands:
-  train     fine-tune a model (stages pt, sft) with lora, freeze or full tuning
+  train     fine-tune a model (stages pt, sft, rm, dpo) with lora, freeze or full tuning
   predict   generate over a dataset with the training template; BLEU / ROUGE / exact match
   eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
   chat      talk to a model in the terminal

@@ -35,7 +35,7 @@ class ModelArgs:
     model_revision: str = opt("main", "Model revision (branch, tag or commit) when loading from a hub.")
     cache_dir: str | None = opt(None, "Where downloaded models are cached (hub models only).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
-        "auto", "Attention kernel; `auto` picks sdpa (padding-free capable) unless flash-attn is installed."
+        "auto", "Attention kernel; `auto` = sdpa, with per-sample attention over packed rows in training."
     )
     infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
