@@ -119,3 +119,24 @@ def test_help_does_not_import_torch():
     code = "import sys; from tunesmith.cli import main; main(['--help']); main(['train', '--help']); " \
            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["train", "data", "predict", "eval", "export", "chat", "serve"])
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    assert f"usage: tunesmith {command}" in capsys.readouterr().out
+
+
+def test_several_gpus_without_a_launcher_print_the_command(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from tunesmith.train import recipe
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr("sys.argv", ["tunesmith", "train", "cfg.yaml", "learning_rate=1e-4"])
+    with caplog.at_level(logging.WARNING, logger="tunesmith.train"):
+        recipe.advise_multi_gpu()
+    assert "torchrun --nproc_per_node 4 -m tunesmith.cli train cfg.yaml learning_rate=1e-4" in caplog.text

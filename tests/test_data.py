@@ -245,3 +245,34 @@ def test_data_command_bad_input_exits_2(tmp_path, capsys):
     code = main(["data", f"model_name_or_path={TINY_MODEL}", "dataset=bad", f"dataset_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2 and "missing required column `output`" in err and "Traceback" not in err
+
+
+def test_hub_dataset_goes_through_datasets_load_dataset(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    calls = {}
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.update(path=path, name=name, split=split)
+        return [{"instruction": "q", "output": "a"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"hub": {"hf_hub_url": "someone/some-set", "subset": "en", "split": "validation"}}))
+    data = build(tmp_path, tokenizer, "hub")
+    assert calls == {"path": "someone/some-set", "name": "en", "split": "validation"}
+    assert decoded_labels(data, 0, tokenizer) == "a<|im_end|>"
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="could not load hub dataset `someone/some-set`"):
+        build(tmp_path, tokenizer, "hub", overwrite_cache="true")
+
+
+def test_data_command_on_preference_pairs(tmp_path, capsys):
+    assert main(["data", f"model_name_or_path={TINY_MODEL}", "dataset=preference_demo", f"dataset_dir={DATA_DIR}",
+                 "stage=rm", "max_samples=10", f"data_cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "train_chosen=10, train_rejected=10" in out

@@ -172,3 +172,26 @@ def test_chat_repl_in_a_pseudo_terminal():
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, capsys):
+    """The REPL's control flow with an engine whose answer is interrupted half way (as Ctrl-C does)."""
+    import builtins
+
+    from tunesmith import chat
+    from tunesmith.infer import chat_engine
+
+    class Interrupted:
+        def prompt_ids(self, conv):
+            return [1]
+
+        def stream(self, prompt, gen, stop_event=None):
+            yield "Par"
+            raise KeyboardInterrupt
+
+    answers = iter(["What is the capital of France?", "exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": print(prompt, end="") or next(answers))
+    monkeypatch.setattr(chat_engine, "make_chat_engine", lambda cfg: Interrupted())
+    assert chat.run(load_config([f"model_name_or_path={TINY_MODEL}"]), {}) == 0
+    out = capsys.readouterr().out
+    assert "Assistant: Par [stopped]" in out and out.count("User: ") == 2
