@@ -146,3 +146,26 @@ def test_dpo_full_precomputed_reference_and_rm_resume(tmp_path, tiny_model_dir, 
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(straight / name), load_file(stopped / name)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@torch.no_grad()
+def test_orpo_first_loss_equals_plain_pytorch(tmp_path, tiny_model_dir, pref_dir, tokenizer):
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    out = train(tmp_path, tiny_model_dir, pref_dir, "orpo", "stage=dpo", "pref_loss=orpo", "pref_beta=0.2",
+                "max_steps=1")
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    order = np.random.default_rng([3, 0]).permutation(len(PAIRS)).tolist()[:4]
+    losses = []
+    for i in order:
+        avg = []
+        for text, answer in zip(pair_texts(tokenizer, [PAIRS[i]]), (PAIRS[i]["chosen"], PAIRS[i]["rejected"])):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+            start = len(ids) - len(target) - 1
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0, start - 1 : start - 1 + len(target)], -1)
+            avg.append(logp.gather(-1, torch.tensor(target)[:, None]).mean())
+        log_odds = (avg[0] - avg[1]) - (torch.log1p(-avg[0].exp()) - torch.log1p(-avg[1].exp()))
+        losses.append(-avg[0] - 0.2 * F.logsigmoid(log_odds))
+    assert log_lines(out)[0]["loss"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)

@@ -106,8 +106,8 @@ class FinetuningArgs:
     )
     plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     pref_beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (beta).")
-    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = opt(
-        "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo needs no reference model).")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = opt(
+        "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo and orpo need no reference model).")
     pref_ftx: float = opt(0.0, "dpo: weight of an extra sft loss on the chosen answers.")
     simpo_gamma: float = opt(0.5, "dpo with pref_loss simpo: target reward margin.")
     precompute_ref: bool = opt(

@@ -74,7 +74,8 @@ class DPOObjective:
     """dpo and its variants on the policy's and the reference's answer log-probabilities.
 
     sigmoid (DPO): -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 on per-token averages;
-    hinge: relu(1 - beta * margin); simpo (no reference): -log sigmoid(beta * (avg_c - avg_r) - gamma).
+    hinge: relu(1 - beta * margin); simpo (no reference): -log sigmoid(beta * (avg_c - avg_r) - gamma);
+    orpo (no reference): chosen NLL - beta * log sigmoid(log odds ratio), on per-token averages.
     margin = (policy_c - policy_r) - (ref_c - ref_r). pref_ftx adds that weight x the chosen answer's mean NLL.
     """
 
@@ -98,6 +99,11 @@ class DPOObjective:
         if self.loss_type == "simpo":
             logits = self.beta * (pc / nc - pr / nr) - self.gamma
             losses, rc, rr = -F.logsigmoid(logits), self.beta * pc / nc, self.beta * pr / nr
+        elif self.loss_type == "orpo":
+            avg_c, avg_r = pc / nc, pr / nr
+            # log odds of an answer: log p - log(1 - p), on per-token average log-probabilities
+            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
+            losses, rc, rr = -avg_c - self.beta * F.logsigmoid(log_odds), self.beta * avg_c, self.beta * avg_r
         else:
             with torch.no_grad():
                 ref = self.reference(batch)

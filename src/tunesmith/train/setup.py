@@ -110,7 +110,7 @@ def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool,
         reward = RewardModel(model, model.config.hidden_size, cfg.training.seed).to(device)
         return reward, objectives.RewardObjective()
     return model, objectives.DPOObjective(f.pref_beta, f.pref_loss, f.pref_ftx, f.simpo_gamma,
-                                          None if f.pref_loss == "simpo" else reference_for(model, cfg, data))
+                                          None if f.pref_loss in ("simpo", "orpo") else reference_for(model, cfg, data))
 
 
 def reference_for(model: Any, cfg: Config, data: Datasets) -> Any:
