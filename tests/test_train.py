@@ -230,3 +230,16 @@ def test_tensorboard_min_lr_schedule_and_additional_target(tmp_path, tiny_model_
     assert lrs[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor: 0.1 x 1e-2
     saved = load_file(out / "adapter_model.safetensors")
     assert any("lm_head" in k for k in saved), "additional_target modules are saved with the adapter"
+
+
+def test_epoch_schedules_and_packing(tmp_path, tiny_model_dir, data_dir):
+    out = train(tmp_path, tiny_model_dir, data_dir, "epochs", "num_train_epochs=2", "val_size=4",
+                "eval_strategy=epoch", "save_strategy=epoch", "per_device_train_batch_size=4")
+    lines = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines()]
+    steps_per_epoch = 5  # 20 training samples / batch 4
+    assert [l["current_steps"] for l in lines if "eval_loss" in l] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-5", "checkpoint-10"]
+    packed = train(tmp_path, tiny_model_dir, data_dir, "packed", "stage=pt", "dataset=corpus", "packing=true",
+                   "cutoff_len=64", "per_device_train_batch_size=1", "num_train_epochs=1")
+    rows = [json.loads(l) for l in (packed / "trainer_log.jsonl").read_text().splitlines()]
+    assert rows[-1]["total_steps"] < 24  # several short documents share each row of 64 tokens
