@@ -140,3 +140,13 @@ def test_several_gpus_without_a_launcher_print_the_command(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tunesmith.train"):
         recipe.advise_multi_gpu()
     assert "torchrun --nproc_per_node 4 -m tunesmith.cli train cfg.yaml learning_rate=1e-4" in caplog.text
+
+
+def test_llamafactory_keys_we_lack_are_named_and_inverted_switches_work(tmp_path):
+    path = write(tmp_path, "enable_thinking: true\nuse_cpu: true\ndisable_gradient_checkpointing: false\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([path])
+    assert err.value.problems == [f"{path}: `enable_thinking` is a LLaMA-Factory setting tunesmith does not support "
+                                  "yet; remove it"]
+    cfg = load_config([write(tmp_path, "use_cpu: true\ndisable_gradient_checkpointing: false\n")])
+    assert cfg.training.gradient_checkpointing is True

@@ -300,4 +300,8 @@ NOT_SUPPORTED: dict[str, str] = {
 # Keys LLaMA-Factory (or transformers' TrainingArguments) accept that have no effect here; accepted quietly
 # because they describe the environment rather than the job.
 IGNORED: set[str] = {"ddp_find_unused_parameters", "save_only_model", "dataloader_pin_memory", "logging_first_step",
-                     "remove_unused_columns", "include_num_input_tokens_seen", "use_fast_tokenizer", "print_param_status"}
+                     "remove_unused_columns", "include_num_input_tokens_seen", "use_fast_tokenizer", "print_param_status",
+                     "use_cpu", "tf32", "save_safetensors", "eval_accumulation_steps", "low_cpu_mem_usage"}
+
+# LLaMA-Factory switches whose meaning is the negation of a tunesmith key.
+INVERTED: dict[str, str] = {"disable_gradient_checkpointing": "gradient_checkpointing"}

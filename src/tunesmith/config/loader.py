@@ -6,6 +6,7 @@ Every problem is collected and reported at once as a ConfigError; nothing here l
 from __future__ import annotations
 
 import difflib
+import functools
 import types
 import typing
 from dataclasses import fields
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tunesmith.config.fields import ALIAS_VALUES, ALIASES, GROUPS, IGNORED, NOT_SUPPORTED, Config
+from tunesmith.config.fields import ALIAS_VALUES, ALIASES, GROUPS, IGNORED, INVERTED, NOT_SUPPORTED, Config
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -130,6 +131,14 @@ def coerce(value: Any, tp: Any, from_text: bool) -> Any:
     raise ValueError(f"unsupported field type {tp}")
 
 
+@functools.lru_cache(maxsize=1)
+def llamafactory_keys() -> frozenset[str]:
+    from importlib import resources
+
+    text = resources.files("tunesmith.resources").joinpath("llamafactory_keys.txt").read_text("utf-8")
+    return frozenset(l.strip() for l in text.splitlines() if l.strip() and not l.startswith("#"))
+
+
 def suggest(key: str) -> str:
     known = list(field_index()) + list(ALIASES)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -198,6 +207,16 @@ def build_config(raw: list[tuple[str, Any, str, bool]]) -> Config:
             continue
         if key in NOT_SUPPORTED:
             problems.append(f"{where}: `{original}` is not supported: {NOT_SUPPORTED[key]}; remove it")
+            continue
+        if key in INVERTED:
+            try:
+                value, key = not coerce(value, bool, from_text), INVERTED[key]
+            except ValueError as err:
+                problems.append(f"{where}: `{original}`: {err}")
+                continue
+        if key not in index and key in llamafactory_keys():
+            problems.append(f"{where}: `{original}` is a LLaMA-Factory setting tunesmith does not support yet; "
+                            "remove it")
             continue
         if key not in index:
             problems.append(f"{where}: unknown key `{original}`{suggest(original)}")
