@@ -243,3 +243,35 @@ def test_epoch_schedules_and_packing(tmp_path, tiny_model_dir, data_dir):
                    "cutoff_len=64", "per_device_train_batch_size=1", "num_train_epochs=1")
     rows = [json.loads(l) for l in (packed / "trainer_log.jsonl").read_text().splitlines()]
     assert rows[-1]["total_steps"] < 24  # several short documents share each row of 64 tokens
+
+
+def test_compute_accuracy_counts_argmax_hits(tmp_path, tiny_model_dir, data_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import DATA_DIR, TINY_MODEL
+    from tunesmith.config import load_config
+    from tunesmith.data.batching import collate
+    from tunesmith.data.pipeline import build_datasets
+    from tunesmith.data.templates import load_template
+    from tunesmith.train.loss import token_loss_sum
+
+    # the pre-trained shipped model on real text, so that some next tokens are guessed right
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    cfg = load_config([f"model_name_or_path={TINY_MODEL}", "dataset=corpus_demo", f"dataset_dir={DATA_DIR}",
+                       "stage=pt", "cutoff_len=64", "max_samples=6"])
+    data = build_datasets(cfg, tokenizer, None, use_cache=False).train
+    batch = collate(data, [[i] for i in range(len(data))], True, 0)
+    correct = []
+    with torch.no_grad():
+        token_loss_sum(model, batch, correct)
+        expected = 0
+        for i in range(len(data)):
+            ids, labels = data[i]
+            logits = model(input_ids=torch.tensor(ids[None], dtype=torch.long)).logits[0, :-1]
+            target = torch.tensor(labels[1:], dtype=torch.long)
+            expected += int(((logits.argmax(-1) == target) & (target != -100)).sum())
+    assert int(correct[0]) == expected > 0
+    out = train(tmp_path, tiny_model_dir, data_dir, "acc", "max_steps=2", "val_size=4", "do_eval=true",
+                "compute_accuracy=true")
+    metrics = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_loss" in metrics

@@ -105,6 +105,7 @@ class FinetuningArgs:
         None, "Freeze tuning: extra non-layer modules that train too (e.g. embed_tokens,norm)."
     )
     plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+    compute_accuracy: bool = opt(False, "pt/sft: also report token accuracy (the most likely token is the label).")
     pref_beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (beta).")
     pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = opt(
         "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo and orpo need no reference model).")

@@ -11,7 +11,7 @@ from tunesmith.data.batching import IGNORE, Batch
 from tunesmith.model.attention import BOUNDS_KWARG
 
 
-def token_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: Any, batch: Batch, correct: list | None = None) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over supervised positions, and their count.
 
     The output head runs only on supervised positions (`logits_to_keep` with their indices), so prompt tokens
@@ -28,4 +28,6 @@ def token_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     targets = batch.targets[:, keep]                 # [rows, len(keep)]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
+    if correct is not None:  # token accuracy: the most likely next token is the label
+        correct.append(((logits.argmax(-1) == targets) & (targets != IGNORE)).sum().float())
     return loss, int(supervised.sum())

@@ -19,11 +19,11 @@ from tunesmith.train.loss import token_loss_sum
 class LMObjective:
     """pt and sft: next-token cross-entropy, averaged over supervised tokens."""
 
-    metric_names = ("loss",)
     unit = "supervised_tokens"
 
-    def __init__(self, padding_free: bool, pad_id: int):
-        self.padding_free, self.pad_id = padding_free, pad_id
+    def __init__(self, padding_free: bool, pad_id: int, accuracy: bool = False):
+        self.padding_free, self.pad_id, self.accuracy = padding_free, pad_id, accuracy
+        self.metric_names = ("loss", "accuracy") if accuracy else ("loss",)
 
     def collate(self, data: Any, units: list[list[int]]) -> Any:
         return collate(data, units, self.padding_free, self.pad_id)
@@ -32,8 +32,12 @@ class LMObjective:
         return batch.n_targets
 
     def loss_sum(self, model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, _ = token_loss_sum(model, batch)
-        return loss, {"loss": loss.detach()}
+        correct: list[torch.Tensor] | None = [] if self.accuracy else None
+        loss, _ = token_loss_sum(model, batch, correct)
+        metrics = {"loss": loss.detach()}
+        if correct:
+            metrics["accuracy"] = correct[0]
+        return loss, metrics
 
 
 def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

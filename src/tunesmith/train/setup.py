@@ -103,7 +103,7 @@ def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool,
 
     f = cfg.finetuning
     if f.stage in ("pt", "sft"):
-        return model, objectives.LMObjective(padding_free, pad_id)
+        return model, objectives.LMObjective(padding_free, pad_id, f.compute_accuracy)
     if f.stage == "rm":
         from tunesmith.model.value_head import RewardModel
 
