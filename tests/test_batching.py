@@ -56,3 +56,23 @@ def test_pack_units_respects_capacity():
     bins = pack_units(lengths, [0, 1, 2, 3, 4], capacity=10)
     assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
     assert all(lengths[b].sum() <= 10 for b in bins)
+
+
+def test_padding_free_check_accepts_honest_models_and_rejects_leaky_ones(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.train.setup import padding_free_works
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
+        assert padding_free_works(model, model.config.vocab_size)
+    leaky = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    leaky.config._attn_implementation = "eager"
+    original = leaky.forward
+
+    def ignores_position_resets(**kwargs):  # plain causal attention over the whole row
+        kwargs.pop("position_ids", None)
+        return original(**kwargs)
+
+    leaky.forward = ignores_position_resets
+    assert not padding_free_works(leaky, leaky.config.vocab_size)

@@ -85,7 +85,12 @@ def padding_free_works(model: Any, vocab_size: int) -> bool:
     packed = model(input_ids=torch.cat([a, b], 1).to(device), use_cache=False,
                    position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)).logits.float()
     model.train(was_training)
-    return bool(torch.allclose(torch.cat(sep, 1), packed, atol=1e-3, rtol=1e-3))
+    separate = torch.cat(sep, 1)
+    # relative error: attending across samples changes the second sample's logits by tens of percent, while
+    # bf16/fp16 rounding stays well under 2%
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    error = float((packed - separate).abs().mean() / separate.abs().mean().clamp(min=1e-6))
+    return error < (2e-2 if half else 1e-4)
 
 
 def use_varlen_attention(model: Any) -> None:
