@@ -37,16 +37,11 @@ def validate_for_export(cfg: Config, force: bool) -> Path:
     return out
 
 
-def load_merged(cfg: Config, dtype: Any) -> Any:
-    """Base model with every adapter merged in, in order."""
-    from peft import PeftModel
+def load_merged(cfg: Config, dtype: Any, merge_last: bool = True) -> Any:
+    """Base model with every adapter merged in, in order (the last left unmerged for `--verify`)."""
+    from tunesmith.model.loading import apply_adapters, load_model
 
-    from tunesmith.model.loading import load_model
-
-    model = load_model(cfg, dtype, for_training=False)
-    for path in cfg.adapter_paths():
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    return model
+    return apply_adapters(load_model(cfg, dtype, for_training=False), cfg.adapter_paths(), merge_last)
 
 
 def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
@@ -134,7 +129,7 @@ def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> float:
     """Largest logit difference between the exported model and base + adapters on a few prompts."""
     from transformers import AutoModelForCausalLM
 
-    reference = load_merged_reference(cfg, dtype)
+    reference = load_merged(cfg, dtype, merge_last=False).eval()
     result = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype).eval()
     prompts = ["What is the capital of France?", "12 plus 30 equals", "法国的首都是哪里？"]
     worst = 0.0
@@ -143,19 +138,6 @@ def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> float:
         a, b = reference(input_ids=ids).logits.float(), result(input_ids=ids).logits.float()
         worst = max(worst, float((a - b).abs().max()))
     return worst
-
-
-def load_merged_reference(cfg: Config, dtype: Any) -> Any:
-    """Base model with adapters applied but not merged: what `--verify` compares against."""
-    from peft import PeftModel
-
-    from tunesmith.model.loading import load_model
-
-    model = load_model(cfg, dtype, for_training=False)
-    for i, path in enumerate(cfg.adapter_paths()):
-        model = PeftModel.from_pretrained(model, path) if i == len(cfg.adapter_paths()) - 1 else \
-            PeftModel.from_pretrained(model, path).merge_and_unload()
-    return model.eval()
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:

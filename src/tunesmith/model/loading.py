@@ -58,19 +58,27 @@ def saved_template_name(folder: str | None) -> dict[str, Any] | None:
     return None
 
 
+def apply_adapters(model: Any, paths: list[str], merge_last: bool = True) -> Any:
+    """LoRA adapters applied in order, each merged into the weights in place (so they are held once); with
+    `merge_last=False` the last one stays a peft adapter (the unmerged reference `export --verify` uses)."""
+    if not paths:
+        return model
+    from peft import PeftModel
+
+    for i, path in enumerate(paths):
+        model = PeftModel.from_pretrained(model, path)
+        if merge_last or i < len(paths) - 1:
+            model = model.merge_and_unload()
+    return model
+
+
 def load_for_inference(cfg: Config) -> Any:
     """Base model with the configured adapters merged in (in order), in `infer_dtype`, in eval mode."""
     import torch
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     dtype = "auto" if cfg.model.infer_dtype == "auto" else dtypes[cfg.model.infer_dtype]
-    model = load_model(cfg, dtype, for_training=False)
-    adapters = cfg.adapter_paths()
-    if adapters:
-        from peft import PeftModel
-
-        for path in adapters:
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = apply_adapters(load_model(cfg, dtype, for_training=False), cfg.adapter_paths())
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()

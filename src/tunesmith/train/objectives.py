@@ -55,10 +55,9 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
     return sums, counts
 
 
-class RewardObjective:
-    """rm: -log sigmoid(r_chosen - r_rejected), scores read by the value head at each sequence's last token."""
+class PairObjective:
+    """rm and dpo batches: chosen/rejected rows, averaged over pairs."""
 
-    metric_names = ("loss", "accuracy")
     unit = "pairs"
 
     def collate(self, data: Any, units: list[list[int]]) -> PairBatch:
@@ -67,6 +66,12 @@ class RewardObjective:
     def count(self, batch: PairBatch) -> int:
         return batch.n_pairs
 
+
+class RewardObjective(PairObjective):
+    """rm: -log sigmoid(r_chosen - r_rejected), scores read by the value head at each sequence's last token."""
+
+    metric_names = ("loss", "accuracy")
+
     def loss_sum(self, model: Any, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         scores = model(batch).float()
         chosen, rejected = scores[0::2], scores[1::2]
@@ -74,7 +79,7 @@ class RewardObjective:
         return loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().sum()}
 
 
-class DPOObjective:
+class DPOObjective(PairObjective):
     """dpo and its variants on the policy's and the reference's answer log-probabilities.
 
     sigmoid (DPO): -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 on per-token averages;
@@ -85,17 +90,10 @@ class DPOObjective:
 
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                      "logps/chosen", "logps/rejected")
-    unit = "pairs"
 
     def __init__(self, beta: float, loss_type: str, ftx: float, simpo_gamma: float, reference: Any):
         self.beta, self.loss_type, self.ftx, self.gamma = beta, loss_type, ftx, simpo_gamma
         self.reference = reference  # callable(batch) -> [2 x pairs] summed log-probs, or None for simpo
-
-    def collate(self, data: Any, units: list[list[int]]) -> PairBatch:
-        return collate_pairs(data, units)
-
-    def count(self, batch: PairBatch) -> int:
-        return batch.n_pairs
 
     def loss_sum(self, model: Any, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sums, counts = sequence_logps(model, batch)
