@@ -165,6 +165,8 @@ class TrainingArgs:
     logging_dir: str | None = opt(None, "TensorBoard folder (default: output_dir/runs).")
     dataloader_num_workers: int = opt(0, "Accepted for compatibility; batches are built in-process.")
     ddp_timeout: int = opt(1800, "Seconds a rank waits for the others before failing.")
+    deepspeed: str | None = opt(None, "DeepSpeed config JSON (ZeRO 0/2/3, offload); \"auto\" values are filled "
+                                      "from this config. Launch with torchrun or accelerate launch.")
     disable_tqdm: bool = opt(False, "Hide the progress bar.")
 
 
@@ -281,7 +283,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "use_unsloth": "unsloth kernels are not supported",
     "enable_liger_kernel": "liger kernels are not supported yet",
     "streaming": "streaming datasets are not supported yet",
-    "deepspeed": "DeepSpeed is not supported yet (see the multi-process issue)",
     "use_galore": "GaLore is not supported",
     "use_badam": "BAdam is not supported",
     "use_apollo": "APOLLO is not supported",

@@ -6,6 +6,7 @@ Every problem is collected and reported at once as a ConfigError; nothing here l
 from __future__ import annotations
 
 import difflib
+import re
 import functools
 import types
 import typing
@@ -16,6 +17,8 @@ from typing import Any, Literal
 import yaml
 
 from tunesmith.config.fields import ALIAS_VALUES, ALIASES, GROUPS, IGNORED, INVERTED, NOT_SUPPORTED, Config
+
+KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -167,7 +170,7 @@ def split_argv(argv: list[str], bool_keys: set[str]) -> tuple[list[str], list[tu
                 else:
                     pairs.append((body.replace("-", "_"), nxt, token))
                     i += 1
-        elif "=" in token and not token.endswith((".yaml", ".yml", ".json")):
+        elif KEY_VALUE.match(token):  # `deepspeed=ds.json` is a setting, not a config file
             key, raw = token.split("=", 1)
             pairs.append((key.strip(), raw, token))
         elif token.endswith((".yaml", ".yml", ".json")):

@@ -1,7 +1,8 @@
 """Checkpoints hold everything a resume needs, and appear atomically.
 
 checkpoint-N/ holds the trainable weights (a peft adapter, or the whole model for freeze/full), the tokenizer,
-optimizer.pt, scheduler.pt, rng_state_<rank>.pth and trainer_state.json (step, data position, best metric).
+optimizer.pt (or deepspeed/ with every rank's optimizer shard), scheduler.pt, rng_state_<rank>.pth and
+trainer_state.json (step, data position, best metric).
 It is written as checkpoint-N.tmp-* and renamed when complete, so a killed save is never resumed from.
 """
 
@@ -93,18 +94,22 @@ def load_trainable_weights(model: Any, checkpoint: Path) -> None:
             params[name].copy_(state[name])
 
 
-def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, stepper: Any, scheduler: Any,
                     state: TrainerState, rank: int, is_main: bool, barrier: Any) -> Path:
+    """Called on every rank: the optimizer may be sharded (DeepSpeed), and each rank has its own RNG."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp-save"
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_weights(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     barrier()
+    with stepper.full_weights():
+        if is_main:
+            save_weights(model, tmp)
+    if is_main:
+        tokenizer.save_pretrained(tmp)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    stepper.save_optimizer(tmp, is_main)
     torch.save(rng_state(), tmp / f"rng_state_{rank}.pth")
     barrier()
     if is_main:
@@ -116,9 +121,10 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, opt
     return final
 
 
-def load_checkpoint(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any, rank: int) -> TrainerState:
-    load_trainable_weights(model, checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+def load_checkpoint(checkpoint: Path, model: Any, stepper: Any, scheduler: Any, rank: int) -> TrainerState:
+    with stepper.full_weights(modify=True):
+        load_trainable_weights(model, checkpoint)
+    stepper.load_optimizer(checkpoint)
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     rng_file = checkpoint / f"rng_state_{rank}.pth"
     if rng_file.is_file():

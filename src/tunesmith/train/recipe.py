@@ -7,7 +7,6 @@ accumulation 1 and batch 2 x accumulation 2 give the same gradients.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -75,22 +74,18 @@ class Trainer:
         s.model.train()
         sums = {name: torch.zeros((), device=acc.device) for name in objective.metric_names}
         for k, (batch, weight) in enumerate(batches):
-            sync = contextlib.nullcontext() if k == len(batches) - 1 else acc.no_sync(s.model)
-            with sync, acc.autocast():
+            with s.stepper.accumulating(last=k == len(batches) - 1), acc.autocast():
                 loss, metrics = objective.loss_sum(s.model, batch)
-                # DDP averages gradients over ranks; scaling by world size turns that into a global mean.
-                acc.backward(loss * weight * acc.num_processes / max(n_global, 1))
+                # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
+                s.stepper.backward(loss * weight * acc.num_processes / max(n_global, 1))
             for name, value in metrics.items():
                 sums[name] += value.float() * weight
-        max_norm = self.cfg.training.max_grad_norm
-        grad_norm = acc.clip_grad_norm_(s.trainable, max_norm if max_norm > 0 else float("inf"))
-        s.optimizer.step()
+        grad_norm = s.stepper.update()
         s.scheduler.step()
-        s.optimizer.zero_grad(set_to_none=True)
         all_tokens = sum(int(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum()) * w
                          for b, w in batches)
         return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
-                "grad_norm": float(grad_norm), "all_tokens": all_tokens * acc.num_processes}
+                "grad_norm": grad_norm, "all_tokens": all_tokens * acc.num_processes}
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -185,7 +180,7 @@ class Trainer:
             if st.best_metric is None or (value > st.best_metric if greater else value < st.best_metric):
                 st.best_metric, st.best_checkpoint = value, str(self.out / name)
         acc = s.accelerator
-        ckpt.save_checkpoint(self.out, st.global_step, acc.unwrap_model(s.model), s.tokenizer, s.optimizer,
+        ckpt.save_checkpoint(self.out, st.global_step, acc.unwrap_model(s.model), s.tokenizer, s.stepper,
                              s.scheduler, st, acc.process_index, acc.is_main_process, acc.wait_for_everyone)
         if acc.is_main_process:
             ckpt.rotate(self.out, t.save_total_limit, st.best_checkpoint)
@@ -208,16 +203,19 @@ def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
     acc, out = s.accelerator, trainer.out
     best = trainer.state.best_checkpoint
     if cfg.training.load_best_model_at_end and best and Path(best).is_dir():
-        ckpt.load_trainable_weights(acc.unwrap_model(s.model), Path(best))
+        with s.stepper.full_weights(modify=True):
+            ckpt.load_trainable_weights(acc.unwrap_model(s.model), Path(best))
         log.info("loaded the best checkpoint %s (%s = %.4f)", best, cfg.training.metric_for_best_model,
                  trainer.state.best_metric)
     acc.wait_for_everyone()
+    tmp = out / ".final.tmp"
+    with s.stepper.full_weights():
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            ckpt.save_weights(acc.unwrap_model(s.model), tmp)
     if not acc.is_main_process:
         return
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    ckpt.save_weights(acc.unwrap_model(s.model), tmp)
     if s.template is not None:
         s.tokenizer.chat_template = s.template.jinja
     s.tokenizer.save_pretrained(tmp)
@@ -266,7 +264,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         if resume is None and (out / "trainer_log.jsonl").exists():
             (out / "trainer_log.jsonl").unlink()
     if resume is not None:
-        trainer.state = ckpt.load_checkpoint(resume, s.accelerator.unwrap_model(s.model), s.optimizer, s.scheduler,
+        trainer.state = ckpt.load_checkpoint(resume, s.accelerator.unwrap_model(s.model), s.stepper, s.scheduler,
                                              s.accelerator.process_index)
         log.info("resuming from %s at step %d", resume, trainer.state.global_step)
         if s.accelerator.is_main_process:

@@ -33,16 +33,7 @@ class Setup:
     pad_id: int
     total_steps: int
     objective: Any
-
-
-def make_accelerator(cfg: Config) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-    from datetime import timedelta
-
-    precision = "bf16" if cfg.training.bf16 else "fp16" if cfg.training.fp16 else "no"
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.training.ddp_timeout))])
+    stepper: Any
 
 
 def build_optimizer(model: Any, cfg: Config) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
@@ -186,6 +177,8 @@ def build_setup(cfg: Config) -> Setup:
     from tunesmith.model.adapters import apply_finetuning, parameter_counts
     from tunesmith.model.loading import load_model
 
+    from tunesmith.train.distributed import innermost_optimizer, make_accelerator, make_stepper
+
     accelerator = make_accelerator(cfg)
     set_seed(cfg.training.seed)
     tokenizer, template, data = load_data(cfg, accelerator)
@@ -216,9 +209,11 @@ def build_setup(cfg: Config) -> Setup:
                                                          None, rank, world)
     optimizer, trainable = build_optimizer(model, cfg)
     total_steps = count_steps(plan, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
     if t.torch_compile:
         model = torch.compile(model, dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The schedule drives the optimizer that really steps (DeepSpeed may replace ours, e.g. with CPU Adam).
+    scheduler = build_scheduler(innermost_optimizer(optimizer), cfg, total_steps)
+    stepper = make_stepper(accelerator, model, optimizer, trainable, t.max_grad_norm)
     return Setup(accelerator, tokenizer, template, data, model, trainable, optimizer, scheduler, plan, eval_plan,
-                 padding_free, pad_id, total_steps, objective)
+                 padding_free, pad_id, total_steps, objective, stepper)

@@ -1,0 +1,196 @@
+"""Where the loop differs between process setups: one process / DDP / FSDP (accelerate) or DeepSpeed ZeRO.
+
+tunesmith drives no collective itself: accelerate wraps the model for DDP and FSDP, DeepSpeed's engine reduces,
+partitions and clips gradients. The loop asks a `Stepper` for three things (a backward, the accumulation
+context, the update) and the checkpoint code asks it to save or load the optimizer; only the DeepSpeed stepper
+knows about the engine. DeepSpeed config files are LLaMA-Factory's: "auto" values are filled from the tunesmith
+config, explicit values that contradict it are an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import Config
+from tunesmith.config.loader import ConfigError
+
+DS_CHECKPOINT_TAG = "deepspeed"
+
+
+def deepspeed_requested(cfg: Config) -> bool:
+    """`deepspeed: file.json` in the config, or `accelerate launch` with a DeepSpeed accelerate config."""
+    return bool(cfg.training.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def load_deepspeed_config(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError([f"`deepspeed`: {file} does not exist (shipped examples: examples/deepspeed/*.json)"])
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"`deepspeed`: {file} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})"]) from None
+    if not isinstance(config, dict):
+        raise ConfigError([f"`deepspeed`: {file} must hold a JSON object"])
+    return config
+
+
+def fill_deepspeed_config(ds: dict[str, Any], cfg: Config, world: int, source: str) -> dict[str, Any]:
+    """Replace "auto" (or absent) values with tunesmith's; explicit values must agree with the config."""
+    t = cfg.training
+    problems = [f"{source}: remove the `{key}` section: tunesmith builds the {key} from `optim`, "
+                "`learning_rate` and `lr_scheduler_type`" for key in ("optimizer", "scheduler") if key in ds]
+    wanted = {
+        ("train_micro_batch_size_per_gpu",): t.per_device_train_batch_size,
+        ("gradient_accumulation_steps",): t.gradient_accumulation_steps,
+        ("train_batch_size",): t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
+        ("gradient_clipping",): float(t.max_grad_norm),
+        ("bf16", "enabled"): bool(t.bf16),
+        ("fp16", "enabled"): bool(t.fp16),
+    }
+    for path, value in wanted.items():
+        node = ds
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        current = node.get(path[-1], "auto")
+        if current == "auto":
+            node[path[-1]] = value
+        elif current != value:
+            problems.append(f"{source}: `{'.'.join(path)}` is {current!r} but the tunesmith config gives {value!r}; "
+                            "set it to \"auto\" or make the two agree")
+    if problems:
+        raise ConfigError(problems)
+    return ds
+
+
+def ensure_process_group_env() -> None:
+    """DeepSpeed always runs in a process group; a plain `tunesmith train` becomes a group of one."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def make_accelerator(cfg: Config) -> Any:
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    t = cfg.training
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
+    timeout = timedelta(seconds=t.ddp_timeout)
+    if not deepspeed_requested(cfg):
+        return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                           kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError(["DeepSpeed is not installed: pip install 'tunesmith[deepspeed]'"]) from None
+    ensure_process_group_env()
+    world = int(os.environ["WORLD_SIZE"])
+    if t.deepspeed:
+        plugin = DeepSpeedPlugin(hf_ds_config=fill_deepspeed_config(load_deepspeed_config(t.deepspeed), cfg, world,
+                                                                    t.deepspeed))
+    else:  # configured by `accelerate launch --config_file` through the environment
+        plugin = DeepSpeedPlugin()
+        fill_deepspeed_config(plugin.deepspeed_config, cfg, world, "the accelerate DeepSpeed config")
+    # On a CPU-only machine accelerate's `cpu=True` would ignore DeepSpeed; gloo is DeepSpeed's CPU backend.
+    backend = None if torch.cuda.is_available() else "gloo"
+    return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin,
+                       gradient_accumulation_steps=t.gradient_accumulation_steps, kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
+
+
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that owns the param groups (under accelerate's and DeepSpeed's wrappers)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class Stepper:
+    """One process, DDP or FSDP through accelerate: backward per micro-batch, then clip and step."""
+
+    def __init__(self, accelerator: Any, model: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
+                 max_grad_norm: float):
+        self.acc, self.model, self.optimizer, self.trainable = accelerator, model, optimizer, trainable
+        self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+
+    def accumulating(self, last: bool) -> Any:
+        """Gradients are only synchronised across ranks on the last micro-batch of a step."""
+        return contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)
+
+    def update(self) -> float:
+        grad_norm = self.acc.clip_grad_norm_(self.trainable, self.max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def save_optimizer(self, folder: Path, is_main: bool) -> None:
+        if is_main:
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+    def load_optimizer(self, folder: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+
+    def full_weights(self, modify: bool = False) -> Any:
+        return contextlib.nullcontext()
+
+
+class DeepSpeedStepper(Stepper):
+    """DeepSpeed's engine owns reduction, clipping and the optimizer step; its optimizer state is sharded, so
+    every rank saves its own shard (checkpoint-N/deepspeed/)."""
+
+    def accumulating(self, last: bool) -> Any:
+        self.model.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already normalised over the whole accumulated batch: no extra division by accumulation.
+        self.model.backward(loss, scale_wrt_gas=False)
+
+    def update(self) -> float:
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save_optimizer(self, folder: Path, is_main: bool) -> None:
+        self.model.save_checkpoint(str(folder), tag=DS_CHECKPOINT_TAG, save_latest=False,
+                                   exclude_frozen_parameters=True)
+
+    def load_optimizer(self, folder: Path) -> None:
+        if not (folder / DS_CHECKPOINT_TAG).is_dir():
+            raise ConfigError([f"{folder} was not saved by a DeepSpeed run (no {DS_CHECKPOINT_TAG}/ folder); "
+                               "resume it without `deepspeed`, or start a fresh output_dir"])
+        self.model.load_checkpoint(str(folder), tag=DS_CHECKPOINT_TAG, load_module_strict=False,
+                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    def full_weights(self, modify: bool = False) -> Any:
+        """ZeRO-3 shards the parameters themselves: gather them (all ranks) to save or load whole tensors."""
+        if self.model.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()),
+                                                 modifier_rank=0 if modify else None)
+
+
+def make_stepper(accelerator: Any, model: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
+                 max_grad_norm: float) -> Stepper:
+    from accelerate.utils import DistributedType
+
+    kind = DeepSpeedStepper if accelerator.distributed_type == DistributedType.DEEPSPEED else Stepper
+    return kind(accelerator, model, optimizer, trainable, max_grad_norm)
