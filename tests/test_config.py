@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import ROOT
 from tunesmith.cli import main
 from tunesmith.config import ConfigError, load_config
 from tunesmith.config.loader import config_to_yaml
@@ -150,3 +151,34 @@ def test_llamafactory_keys_we_lack_are_named_and_inverted_switches_work(tmp_path
                                   "yet; remove it"]
     cfg = load_config([write(tmp_path, "use_cpu: true\ndisable_gradient_checkpointing: false\n")])
     assert cfg.training.gradient_checkpointing is True
+
+
+def test_deepspeed_auto_values_filled_and_conflicts_named(tmp_path):
+    import json
+
+    from tunesmith.train.distributed import fill_deepspeed_config, load_deepspeed_config
+
+    cfg = load_config(["per_device_train_batch_size=3", "gradient_accumulation_steps=2", "max_grad_norm=0.5",
+                       "bf16=true", "model_name_or_path=m", "output_dir=o"])
+    shipped = load_deepspeed_config(str(ROOT / "examples/deepspeed/ds_z2_config.json"))
+    filled = fill_deepspeed_config(shipped, cfg, world=4, source="z2")
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"], filled["gradient_clipping"]) == (3, 2, 24, 0.5)
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["zero_optimization"]["stage"] == 2
+    with pytest.raises(ConfigError) as e:
+        fill_deepspeed_config({"gradient_accumulation_steps": 4, "optimizer": {"type": "AdamW"}}, cfg, 1, "my.json")
+    text = str(e.value)
+    assert "my.json: remove the `optimizer` section" in text
+    assert "`gradient_accumulation_steps` is 4 but the tunesmith config gives 2" in text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2},}')
+    with pytest.raises(ConfigError, match=r"bad.json line 1 column 36: invalid JSON"):
+        load_deepspeed_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_deepspeed_config(str(tmp_path / "missing.json"))
+
+
+def test_key_value_with_a_file_suffix_is_a_setting():
+    cfg = load_config(["deepspeed=examples/deepspeed/ds_z2_config.json", "model_name_or_path=m"])
+    assert cfg.training.deepspeed == "examples/deepspeed/ds_z2_config.json"

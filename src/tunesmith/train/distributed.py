@@ -93,22 +93,25 @@ def make_accelerator(cfg: Config) -> Any:
     if not deepspeed_requested(cfg):
         return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    ensure_process_group_env()
+    world = int(os.environ["WORLD_SIZE"])
+    filled = None  # checked before the slow DeepSpeed import, so a bad file fails fast
+    if t.deepspeed:
+        filled = fill_deepspeed_config(load_deepspeed_config(t.deepspeed), cfg, world, t.deepspeed)
     try:
         import deepspeed  # noqa: F401
     except ImportError:
         raise ConfigError(["DeepSpeed is not installed: pip install 'tunesmith[deepspeed]'"]) from None
-    ensure_process_group_env()
-    world = int(os.environ["WORLD_SIZE"])
-    if t.deepspeed:
-        plugin = DeepSpeedPlugin(hf_ds_config=fill_deepspeed_config(load_deepspeed_config(t.deepspeed), cfg, world,
-                                                                    t.deepspeed))
+    if filled is not None:
+        plugin = DeepSpeedPlugin(hf_ds_config=filled)
     else:  # configured by `accelerate launch --config_file` through the environment
         plugin = DeepSpeedPlugin()
         fill_deepspeed_config(plugin.deepspeed_config, cfg, world, "the accelerate DeepSpeed config")
     # On a CPU-only machine accelerate's `cpu=True` would ignore DeepSpeed; gloo is DeepSpeed's CPU backend.
     backend = None if torch.cuda.is_available() else "gloo"
     return Accelerator(mixed_precision=precision, deepspeed_plugin=plugin,
-                       gradient_accumulation_steps=t.gradient_accumulation_steps, kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
+                       gradient_accumulation_steps=t.gradient_accumulation_steps,
+                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
 
 
 def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -84,6 +84,14 @@ def padding_free_works(model: Any, vocab_size: int) -> bool:
     return error < (2e-2 if half else 1e-4)
 
 
+def zero3_sharded() -> bool:
+    """Under DeepSpeed ZeRO-3 the weights are sharded at load and no forward can run before the engine exists;
+    the packed-attention check is skipped and tunesmith's per-sample attention is trusted."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def use_varlen_attention(model: Any) -> None:
     """Switch to per-sample causal SDPA for packed rows (see model/attention.py)."""
     from tunesmith.model.attention import register
@@ -191,7 +199,7 @@ def build_setup(cfg: Config) -> Setup:
         log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable_n, total_n,
                  100 * trainable_n / total_n)
     model.to(accelerator.device)
-    padding_free = cfg.model.attn_implementation == "flash_attention_2" or padding_free_works(
+    padding_free = cfg.model.attn_implementation == "flash_attention_2" or zero3_sharded() or padding_free_works(
         model, model.config.vocab_size)
     if not padding_free:
         if cfg.finetuning.stage in ("rm", "dpo"):
