@@ -103,9 +103,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, ste
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    with stepper.full_weights():
-        if is_main:
-            save_weights(model, tmp)
+    stepper.save_weights(model, tmp, is_main)
     if is_main:
         tokenizer.save_pretrained(tmp)
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -122,8 +120,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, ste
 
 
 def load_checkpoint(checkpoint: Path, model: Any, stepper: Any, scheduler: Any, rank: int) -> TrainerState:
-    with stepper.full_weights(modify=True):
-        load_trainable_weights(model, checkpoint)
+    stepper.load_weights(model, checkpoint)
     stepper.load_optimizer(checkpoint)
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
     rng_file = checkpoint / f"rng_state_{rank}.pth"

@@ -2,8 +2,8 @@
 
 tunesmith drives no collective itself: accelerate wraps the model for DDP and FSDP, DeepSpeed's engine reduces,
 partitions and clips gradients. The loop asks a `Stepper` for three things (a backward, the accumulation
-context, the update) and the checkpoint code asks it to save or load the optimizer; only the DeepSpeed stepper
-knows about the engine. DeepSpeed config files are LLaMA-Factory's: "auto" values are filled from the tunesmith
+context, the update) and the checkpoint code asks it to save or load weights and optimizer state; only the
+DeepSpeed and FSDP steppers know about sharding. DeepSpeed config files are LLaMA-Factory's: "auto" values are filled from the tunesmith
 config, explicit values that contradict it are an error.
 """
 
@@ -91,6 +91,10 @@ def make_accelerator(cfg: Config) -> Any:
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
     timeout = timedelta(seconds=t.ddp_timeout)
     if not deepspeed_requested(cfg):
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+            raise ConfigError(["FSDP runs on GPUs only (accelerate would silently fall back to plain DDP here, "
+                               "every process holding the whole model); on CPUs shard with DeepSpeed ZeRO-3 "
+                               "instead: `deepspeed: examples/deepspeed/ds_z3_config.json` under torchrun"])
         return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     ensure_process_group_env()
@@ -122,11 +126,12 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 class Stepper:
-    """One process, DDP or FSDP through accelerate: backward per micro-batch, then clip and step."""
+    """One process or DDP through accelerate: backward per micro-batch, then clip and step."""
 
-    def __init__(self, accelerator: Any, model: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
-                 max_grad_norm: float):
-        self.acc, self.model, self.optimizer, self.trainable = accelerator, model, optimizer, trainable
+    def __init__(self, accelerator: Any, model: Any, optimizer: Any, max_grad_norm: float):
+        self.acc, self.model, self.optimizer = accelerator, model, optimizer
+        # read after `prepare`: FSDP replaces the parameters it shards
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
 
     def accumulating(self, last: bool) -> Any:
@@ -142,15 +147,24 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
+    # Every method below is called on every rank.
+    def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
+        from tunesmith.train.checkpoint import save_weights
+
+        if is_main:
+            save_weights(unwrapped, folder)
+
+    def load_weights(self, unwrapped: Any, folder: Path) -> None:
+        from tunesmith.train.checkpoint import load_trainable_weights
+
+        load_trainable_weights(unwrapped, folder)
+
     def save_optimizer(self, folder: Path, is_main: bool) -> None:
         if is_main:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_optimizer(self, folder: Path) -> None:
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
-
-    def full_weights(self, modify: bool = False) -> Any:
-        return contextlib.nullcontext()
 
 
 class DeepSpeedStepper(Stepper):
@@ -170,6 +184,23 @@ class DeepSpeedStepper(Stepper):
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def gathered(self, modify: bool) -> Any:
+        """ZeRO-3 shards the parameters themselves: gather them (all ranks) to save or load whole tensors."""
+        if self.model.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()),
+                                                 modifier_rank=0 if modify else None)
+
+    def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
+        with self.gathered(modify=False):
+            super().save_weights(unwrapped, folder, is_main)
+
+    def load_weights(self, unwrapped: Any, folder: Path) -> None:
+        with self.gathered(modify=True):
+            super().load_weights(unwrapped, folder)
+
     def save_optimizer(self, folder: Path, is_main: bool) -> None:
         self.model.save_checkpoint(str(folder), tag=DS_CHECKPOINT_TAG, save_latest=False,
                                    exclude_frozen_parameters=True)
@@ -181,19 +212,29 @@ class DeepSpeedStepper(Stepper):
         self.model.load_checkpoint(str(folder), tag=DS_CHECKPOINT_TAG, load_module_strict=False,
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
 
-    def full_weights(self, modify: bool = False) -> Any:
-        """ZeRO-3 shards the parameters themselves: gather them (all ranks) to save or load whole tensors."""
-        if self.model.zero_optimization_stage() != 3:
-            return contextlib.nullcontext()
-        import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()),
-                                                 modifier_rank=0 if modify else None)
+class FSDPStepper(Stepper):
+    """FSDP (GPUs only): weights and optimizer state are sharded; accelerate saves and restores the shards
+    (checkpoint-N/fsdp/), and gathers a full state dict for the model files."""
+
+    def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
+        state = self.acc.get_state_dict(self.model)
+        if is_main:
+            unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+    def load_weights(self, unwrapped: Any, folder: Path) -> None:
+        self.acc.load_state(str(folder / "fsdp"))
+
+    def save_optimizer(self, folder: Path, is_main: bool) -> None:
+        self.acc.save_state(str(folder / "fsdp"))
+
+    def load_optimizer(self, folder: Path) -> None:
+        pass  # load_weights restored model and optimizer shards together
 
 
-def make_stepper(accelerator: Any, model: Any, optimizer: Any, trainable: list[torch.nn.Parameter],
-                 max_grad_norm: float) -> Stepper:
+def make_stepper(accelerator: Any, model: Any, optimizer: Any, max_grad_norm: float) -> Stepper:
     from accelerate.utils import DistributedType
 
-    kind = DeepSpeedStepper if accelerator.distributed_type == DistributedType.DEEPSPEED else Stepper
-    return kind(accelerator, model, optimizer, trainable, max_grad_norm)
+    kind = {DistributedType.DEEPSPEED: DeepSpeedStepper, DistributedType.FSDP: FSDPStepper}.get(
+        accelerator.distributed_type, Stepper)
+    return kind(accelerator, model, optimizer, max_grad_norm)

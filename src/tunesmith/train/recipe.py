@@ -203,17 +203,16 @@ def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
     acc, out = s.accelerator, trainer.out
     best = trainer.state.best_checkpoint
     if cfg.training.load_best_model_at_end and best and Path(best).is_dir():
-        with s.stepper.full_weights(modify=True):
-            ckpt.load_trainable_weights(acc.unwrap_model(s.model), Path(best))
+        s.stepper.load_weights(acc.unwrap_model(s.model), Path(best))
         log.info("loaded the best checkpoint %s (%s = %.4f)", best, cfg.training.metric_for_best_model,
                  trainer.state.best_metric)
     acc.wait_for_everyone()
     tmp = out / ".final.tmp"
-    with s.stepper.full_weights():
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            ckpt.save_weights(acc.unwrap_model(s.model), tmp)
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    s.stepper.save_weights(acc.unwrap_model(s.model), tmp, acc.is_main_process)
     if not acc.is_main_process:
         return
     if s.template is not None:

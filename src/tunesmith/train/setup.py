@@ -24,7 +24,6 @@ class Setup:
     template: Any
     data: Datasets
     model: Any
-    trainable: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
     plan: BatchPlan
@@ -36,7 +35,7 @@ class Setup:
     stepper: Any
 
 
-def build_optimizer(model: Any, cfg: Config) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+def build_optimizer(model: Any, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.training
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -50,7 +49,7 @@ def build_optimizer(model: Any, cfg: Config) -> tuple[torch.optim.Optimizer, lis
         fused = t.optim == "adamw_torch_fused" and torch.cuda.is_available()
         optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                       eps=t.adam_epsilon, fused=fused or None)
-    return optimizer, decay + no_decay
+    return optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, total_steps: int) -> Any:
@@ -189,6 +188,9 @@ def build_setup(cfg: Config) -> Setup:
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.training.seed)
+    if accelerator.is_main_process:
+        log.info("processes: %d (%s) on %s", accelerator.num_processes, accelerator.distributed_type.value,
+                 accelerator.device)
     tokenizer, template, data = load_data(cfg, accelerator)
     t = cfg.training
     # LoRA with bf16 keeps the frozen base in bf16 (half the memory); trained weights are always fp32.
@@ -215,13 +217,13 @@ def build_setup(cfg: Config) -> Setup:
     plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
     eval_plan = None if data.eval is None else BatchPlan(data.eval, t.per_device_eval_batch_size, t.seed, False,
                                                          None, rank, world)
-    optimizer, trainable = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     total_steps = count_steps(plan, cfg)
     if t.torch_compile:
         model = torch.compile(model, dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     # The schedule drives the optimizer that really steps (DeepSpeed may replace ours, e.g. with CPU Adam).
     scheduler = build_scheduler(innermost_optimizer(optimizer), cfg, total_steps)
-    stepper = make_stepper(accelerator, model, optimizer, trainable, t.max_grad_norm)
-    return Setup(accelerator, tokenizer, template, data, model, trainable, optimizer, scheduler, plan, eval_plan,
+    stepper = make_stepper(accelerator, model, optimizer, t.max_grad_norm)
+    return Setup(accelerator, tokenizer, template, data, model, optimizer, scheduler, plan, eval_plan,
                  padding_free, pad_id, total_steps, objective, stepper)
