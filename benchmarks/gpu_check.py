@@ -1,5 +1,6 @@
 """GPU check: sft LoRA and full fine-tuning in bf16 on a generated ~0.5B Llama, fp16 with loss scaling, the
-packed (padding-free) path, a short predict and eval. One JSON line per check: tokens/s, MFU against the card's
+packed (padding-free) path, FSDP and DeepSpeed ZeRO-3 (one process each, with a stop/resume), a short predict and
+eval. One JSON line per check: tokens/s, MFU against the card's
 bf16 dense peak, peak GPU memory. Run through scripts/gpu_check.sh (no network needed).
 """
 
@@ -36,11 +37,20 @@ def build(folder: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(name: str, args: list[str], params: int, work: Path) -> None:
+def run(name: str, args: list[str], params: int, work: Path, launcher: tuple[str, ...] = (),
+        keep: str | None = None) -> Path:
+    """One tunesmith command; `keep` names a checkpoint of an earlier output folder to resume from."""
     out = work / name
     shutil.rmtree(out, ignore_errors=True)
+    if keep and not (work / keep).is_dir():
+        print(json.dumps({"check": name, "ok": False, "error": f"no {keep} to resume from"}), flush=True)
+        return out
+    if keep:
+        out.mkdir(parents=True)
+        shutil.copytree(work / keep, out / Path(keep).name)
     start = time.time()
-    code = subprocess.run([sys.executable, "-m", "tunesmith.cli", *args, f"output_dir={out}", "disable_tqdm=true"],
+    prefix = [sys.executable, "-m", *launcher] if launcher else [sys.executable]
+    code = subprocess.run([*prefix, "-m", "tunesmith.cli", *args, f"output_dir={out}", "disable_tqdm=true"],
                           cwd=ROOT, capture_output=True, text=True)
     line: dict = {"check": name, "ok": code.returncode == 0, "wall_s": round(time.time() - start, 1)}
     if code.returncode != 0:
@@ -49,6 +59,8 @@ def run(name: str, args: list[str], params: int, work: Path) -> None:
         logs = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines() if '"loss"' in l]
         tokens_per_s = sum(l["tokens_per_s"] for l in logs[1:]) / max(len(logs) - 1, 1)
         line.update(tokens_per_s=round(tokens_per_s), final_loss=logs[-1]["loss"])
+        if keep:
+            line["resumed_from"] = keep
         import torch
 
         peak = card_peak(torch.cuda.get_device_name())
@@ -58,6 +70,26 @@ def run(name: str, args: list[str], params: int, work: Path) -> None:
     if results.is_file():
         line["peak_gpu_memory_gb"] = json.loads(results.read_text()).get("train_peak_gpu_memory_gb")
     print(json.dumps(line), flush=True)
+    return out
+
+
+def sharded_runs(base: list[str], params: int, work: Path) -> None:
+    """FSDP through accelerate and ZeRO-3 through DeepSpeed, each stopped at a checkpoint and resumed: the
+    resumed run's final loss must equal the straight run's."""
+    import importlib.util
+
+    full = ["train", *base, "finetuning_type=full", "bf16=true", "learning_rate=1e-5", "max_steps=10",
+            "save_strategy=steps", "save_steps=5"]
+    fsdp = ("accelerate.commands.launch", "--config_file", "examples/accelerate/fsdp.yaml", "--num_processes", "1")
+    run("sft-full-bf16-fsdp", full, params, work, fsdp)
+    run("sft-full-bf16-fsdp-resumed", full, params, work, fsdp, keep="sft-full-bf16-fsdp/checkpoint-5")
+    if importlib.util.find_spec("deepspeed") is None:
+        print(json.dumps({"check": "deepspeed", "ok": None, "skipped": "deepspeed is not installed"}), flush=True)
+        return
+    zero3 = [*full, "deepspeed=examples/deepspeed/ds_z3_config.json"]
+    run("sft-full-bf16-zero3", zero3, params, work, ("torch.distributed.run", "--nproc_per_node", "1"))
+    run("sft-full-bf16-zero3-resumed", zero3, params, work, ("torch.distributed.run", "--nproc_per_node", "1"),
+        keep="sft-full-bf16-zero3/checkpoint-5")
 
 
 def main() -> None:
@@ -76,6 +108,7 @@ def main() -> None:
     run("sft-full-bf16", ["train", *base, "finetuning_type=full", "bf16=true", "learning_rate=1e-5"], params, work)
     run("sft-lora-fp16", ["train", *base, "finetuning_type=lora", "lora_target=all", "fp16=true"], params, work)
     run("sft-lora-bf16-packing", ["train", *base, "finetuning_type=lora", "bf16=true", "packing=true"], params, work)
+    sharded_runs(base, params, work)
     run("predict", ["predict", f"model_name_or_path={model}", "template=chatml", "dataset=alpaca_en_demo",
                     f"dataset_dir={ROOT / 'data'}", "max_samples=64", "max_new_tokens=32",
                     "per_device_eval_batch_size=16", "infer_dtype=bfloat16"], params, work)

@@ -99,6 +99,9 @@ def apply_finetuning(model: Any, cfg: Config) -> Any:
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def size(p: Any) -> int:  # ZeRO-3 leaves an empty placeholder and records the real size as ds_numel
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
