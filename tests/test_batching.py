@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunesmith.data.batching import BatchPlan, collate, pack_units
+from tunesmith.data.batching import BatchPlan, collate, pack_units, split_by_tokens
 from tunesmith.data.encode import Encoded
 from tunesmith.data.pipeline import EncodedSet
 from tunesmith.train.loss import token_loss_sum
@@ -38,6 +38,27 @@ def test_packed_loss_equals_separate_samples(tiny_model_dir, padding_free, varle
     separate = [token_loss_sum(model, collate(data, [[i]], True, 0)) for i in range(len(data))]
     assert count == sum(c for _, c in separate) == data.supervised_tokens()
     assert float(loss) == pytest.approx(float(sum(l for l, _ in separate)), rel=1e-5)
+
+
+def test_shape_buckets_change_no_loss(tiny_model_dir):
+    """Rows rounded to 64 tokens with a padding segment, and kept head positions rounded with repeats, give the
+    same loss and count as the exact shapes."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.model.attention import register
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.set_attn_implementation(register())
+    data = random_set()
+    exact = collate(data, [[i] for i in range(len(data))], True, pad_id=0)
+    rounded = collate(data, [[i] for i in range(len(data))], True, pad_id=0, bucket=64)
+    assert rounded.input_ids.shape[1] % 64 == 0 and rounded.input_ids.shape[1] < exact.input_ids.shape[1] + 64
+    assert rounded.n_tokens == exact.n_tokens == exact.input_ids.numel()
+    assert rounded.seq_bounds[:-1] == exact.seq_bounds and rounded.n_targets == exact.n_targets
+    loss, count = token_loss_sum(model, exact)
+    bucketed, bucketed_count = token_loss_sum(model, rounded, bucket=64)
+    assert bucketed_count == count
+    assert float(bucketed) == pytest.approx(float(loss), rel=1e-6)
 
 
 def test_plan_is_deterministic_and_shards_without_overlap():
@@ -76,3 +97,34 @@ def test_padding_free_check_accepts_honest_models_and_rejects_leaky_ones(tiny_mo
 
     leaky.forward = ignores_position_resets
     assert not padding_free_works(leaky, leaky.config.vocab_size)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_short_half_precision_attention_matches_sdpa(kv_heads):
+    """The matmul path for short bf16 samples equals PyTorch's SDPA (computed in fp32) within bf16 rounding,
+    forward and backward, with grouped key/value heads."""
+    import torch.nn.functional as F
+
+    from tunesmith.model.attention import causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q32, k32, v32 = (torch.randn(1, h, 37, 16, generator=gen) for h in (4, kv_heads, kv_heads))
+    reference = [t.clone().requires_grad_() for t in (q32, k32, v32)]
+    expected = F.scaled_dot_product_attention(*reference, is_causal=True, enable_gqa=kv_heads != 4)
+    expected.pow(2).sum().backward()
+    half = [t.to(torch.bfloat16).requires_grad_() for t in (q32, k32, v32)]
+    got = causal_attention(*half, dropout=0.0, scaling=None, gqa=kv_heads != 4)
+    got.float().pow(2).sum().backward()
+    torch.testing.assert_close(got.float(), expected.detach(), rtol=0, atol=3e-2)
+    for h, r in zip(half, reference):
+        torch.testing.assert_close(h.grad.float(), r.grad, rtol=2e-2, atol=6e-2)
+    # the first query attends only to itself: its output is exactly its value row
+    torch.testing.assert_close(got[0, :, 0].float(), half[2][0, :, 0].float().repeat_interleave(4 // kv_heads, 0))
+
+
+def test_split_by_tokens_keeps_units_whole_and_in_order():
+    lengths = np.array([10, 30, 5, 50, 20, 20])
+    units = [[0], [1], [2, 4], [3], [5]]
+    assert split_by_tokens(units, lengths, 40) == [[[0], [1]], [[2, 4]], [[3]], [[5]]]
+    assert split_by_tokens(units, lengths, 1000) == [units]
+    assert split_by_tokens([], lengths, 40) == [[]]

@@ -94,10 +94,15 @@ def test_accumulation_is_equivalent_to_a_bigger_batch(tmp_path, tiny_model_dir, 
                 "per_device_train_batch_size=4", "optim=sgd", "learning_rate=0.5")
     acc = train(tmp_path, tiny_model_dir, data_dir, "b2x2", "finetuning_type=full", "max_steps=2",
                 "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "optim=sgd", "learning_rate=0.5")
+    # the same batch cut into passes of at most 30 tokens (one sample each here): the same gradients again
+    cut = train(tmp_path, tiny_model_dir, data_dir, "b4cut", "finetuning_type=full", "max_steps=2",
+                "per_device_train_batch_size=4", "optim=sgd", "learning_rate=0.5", "max_tokens_per_forward=30")
     assert logged(big) == pytest.approx(logged(acc), rel=1e-6)
-    a, b = load_file(big / "model.safetensors"), load_file(acc / "model.safetensors")
+    assert logged(big) == pytest.approx(logged(cut), rel=1e-6)
+    a, b, c = (load_file(out / "model.safetensors") for out in (big, acc, cut))
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-7)
 
 
 def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir, data_dir):

@@ -128,6 +128,9 @@ class TrainingArgs:
     per_device_train_batch_size: int = opt(8, "Samples per micro-batch per device.")
     per_device_eval_batch_size: int = opt(8, "Samples per evaluation batch per device.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    max_tokens_per_forward: int = opt(
+        0, "Run each micro-batch as forward/backward passes of at most this many tokens (whole samples): the "
+        "same gradients, with the activation peak of a long-tailed batch bounded; 0 = one pass per micro-batch.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     num_train_epochs: float = opt(3.0, "Epochs to train (fractions allowed); ignored when max_steps > 0.")
     max_steps: int = opt(-1, "Optimizer steps to train; overrides num_train_epochs when > 0.")

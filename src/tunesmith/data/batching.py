@@ -28,6 +28,14 @@ class Batch:
     attention_mask: torch.Tensor | None  # only for padded batches
     n_samples: int
     seq_bounds: list[int] | None = None  # padding-free: where each sample starts and ends in the row
+    bucket_padding: int = 0  # padding-free: tokens added at the end to round the row's length
+
+    @property
+    def n_tokens(self) -> int:
+        """Real tokens (no padding)."""
+        if self.attention_mask is not None:
+            return int(self.attention_mask.sum())
+        return self.input_ids.numel() - self.bucket_padding
 
     @property
     def n_targets(self) -> int:
@@ -36,7 +44,7 @@ class Batch:
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     self.n_samples, self.seq_bounds)
+                     self.n_samples, self.seq_bounds, self.bucket_padding)
 
 
 def _shifted(labels: np.ndarray) -> np.ndarray:
@@ -45,9 +53,10 @@ def _shifted(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id: int) -> Batch:
+def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id: int, bucket: int = 1) -> Batch:
     """Each unit (one sample, or several packed ones) becomes a row; rows are concatenated when padding-free,
-    right-padded otherwise."""
+    right-padded otherwise. `bucket` > 1 rounds a padding-free row up to a multiple of it with a padding
+    segment of its own (no targets, attended by nothing else), so the kernels see few distinct shapes."""
     rows = []
     for unit in units:
         ids = np.concatenate([data[i][0] for i in unit])
@@ -56,10 +65,14 @@ def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id
         rows.append((ids, targets, positions))
     n_samples = sum(len(u) for u in units)
     if padding_free:
+        pad = -sum(len(r[0]) for r in rows) % bucket
+        if pad:
+            rows.append((np.full(pad, pad_id), np.full(pad, IGNORE), np.arange(pad)))
         ids, targets, positions = (np.concatenate([r[k] for r in rows])[None] for k in range(3))
-        bounds = np.concatenate([[0], np.cumsum([len(data[i][0]) for unit in units for i in unit])]).tolist()
+        sizes = [len(data[i][0]) for unit in units for i in unit] + ([pad] if pad else [])
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         return Batch(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(positions.astype(np.int64)),
-                     torch.from_numpy(targets.astype(np.int64)), None, n_samples, bounds)
+                     torch.from_numpy(targets.astype(np.int64)), None, n_samples, bounds, pad)
     width = max(len(r[0]) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
@@ -69,6 +82,21 @@ def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id
         ids[k, : len(i)], targets[k, : len(i)], positions[k, : len(i)], mask[k, : len(i)] = i, t, p, 1
     return Batch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(targets),
                  torch.from_numpy(mask), n_samples)
+
+
+def split_by_tokens(units: list[list[int]], lengths: np.ndarray, budget: int) -> list[list[list[int]]]:
+    """Consecutive groups of whole units with at most `budget` tokens each (a longer unit goes alone). The loss
+    is normalised by the step's token count, so passes over the groups give the micro-batch's gradients."""
+    groups: list[list[list[int]]] = []
+    used = budget + 1
+    for unit in units:
+        size = int(sum(lengths[i] for i in unit))
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(unit)
+        used += size
+    return groups or [[]]
 
 
 def pack_units(lengths: np.ndarray, order: list[int], capacity: int) -> list[list[int]]:

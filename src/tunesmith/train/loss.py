@@ -11,21 +11,26 @@ from tunesmith.data.batching import IGNORE, Batch
 from tunesmith.model.attention import BOUNDS_KWARG
 
 
-def token_loss_sum(model: Any, batch: Batch, correct: list | None = None) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket: int = 1) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over supervised positions, and their count.
 
     The output head runs only on supervised positions (`logits_to_keep` with their indices), so prompt tokens
-    and a large vocabulary cost neither time nor memory; the loss itself is computed in fp32.
+    and a large vocabulary cost neither time nor memory; the loss itself is computed in fp32. `bucket` > 1
+    rounds the number of kept positions up (repeats of the last one, without targets) to limit distinct shapes.
     """
     supervised = batch.targets != IGNORE
     keep = supervised.any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:  # nothing to learn here; still run the model so every parameter joins the graph
         keep = torch.zeros(1, dtype=torch.long, device=batch.input_ids.device)
+    targets = batch.targets[:, keep]                 # [rows, len(keep)]
+    extra_rows = -keep.numel() % bucket
+    if extra_rows:
+        keep = torch.cat([keep, keep[-1:].expand(extra_rows)])
+        targets = torch.cat([targets, targets.new_full((targets.shape[0], extra_rows), IGNORE)], dim=1)
     extra = {BOUNDS_KWARG: batch.seq_bounds} if batch.seq_bounds is not None else {}
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
                 use_cache=False, logits_to_keep=keep, **extra)
     logits = out.logits.float()                      # [rows, len(keep), vocab]
-    targets = batch.targets[:, keep]                 # [rows, len(keep)]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")
     if correct is not None:  # token accuracy: the most likely next token is the label

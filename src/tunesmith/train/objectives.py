@@ -21,19 +21,20 @@ class LMObjective:
 
     unit = "supervised_tokens"
 
-    def __init__(self, padding_free: bool, pad_id: int, accuracy: bool = False):
+    def __init__(self, padding_free: bool, pad_id: int, accuracy: bool = False, shape_bucket: int = 1):
         self.padding_free, self.pad_id, self.accuracy = padding_free, pad_id, accuracy
+        self.bucket = shape_bucket
         self.metric_names = ("loss", "accuracy") if accuracy else ("loss",)
 
     def collate(self, data: Any, units: list[list[int]]) -> Any:
-        return collate(data, units, self.padding_free, self.pad_id)
+        return collate(data, units, self.padding_free, self.pad_id, self.bucket)
 
     def count(self, batch: Any) -> int:
         return batch.n_targets
 
     def loss_sum(self, model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         correct: list[torch.Tensor] | None = [] if self.accuracy else None
-        loss, _ = token_loss_sum(model, batch, correct)
+        loss, _ = token_loss_sum(model, batch, correct, self.bucket)
         metrics = {"loss": loss.detach()}
         if correct:
             metrics["accuracy"] = correct[0]

@@ -19,6 +19,7 @@ import torch
 from tunesmith.config import Config, config_to_yaml
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
+from tunesmith.data.batching import split_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.setup import Setup, build_setup
@@ -66,6 +67,7 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
     def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, Any]:
         s, acc, objective = self.s, self.s.accelerator, self.s.objective
+        window = self.split_passes(window)
         # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
         batches = [(objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0)
                    for units in window]
@@ -82,10 +84,22 @@ class Trainer:
                 sums[name] += value.float() * weight
         grad_norm = s.stepper.update()
         s.scheduler.step()
-        all_tokens = sum(int(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum()) * w
-                         for b, w in batches)
+        all_tokens = sum(b.n_tokens * w for b, w in batches)
         return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
                 "grad_norm": grad_norm, "all_tokens": all_tokens * acc.num_processes}
+
+    def split_passes(self, window: list[list[list[int]]]) -> list[list[list[int]]]:
+        """Micro-batches cut to `max_tokens_per_forward`; every rank runs as many passes (empty ones are run
+        with weight 0), so the collectives of DeepSpeed and DDP stay in step."""
+        budget = self.cfg.training.max_tokens_per_forward
+        if budget <= 0:
+            return window
+        lengths = self.s.data.train.lengths
+        passes = [group for units in window for group in split_by_tokens(units, lengths, budget)]
+        count = torch.tensor(len(passes), device=self.s.accelerator.device)
+        if self.s.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return passes + [[] for _ in range(int(count) - len(passes))]
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
