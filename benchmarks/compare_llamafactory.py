@@ -273,7 +273,9 @@ def main() -> None:
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, torch threads = cores")
     args = parser.parse_args()
     if args.readme:
-        write_readme([json.loads(l) for l in Path(args.readme).read_text().splitlines() if l.strip()], args.machine)
+        # other libraries may print to stdout (DeepSpeed's accelerator notice): only the JSON lines count
+        lines = [json.loads(l) for l in Path(args.readme).read_text().splitlines() if l.startswith("{")]
+        write_readme(lines, args.machine)
         return
     lf_cli = ensure_llamafactory()
     work = Path(args.work)
