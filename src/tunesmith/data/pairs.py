@@ -32,6 +32,10 @@ class PairBatch:
     def n_pairs(self) -> int:
         return len(self.pair_index)
 
+    @property
+    def n_tokens(self) -> int:
+        return self.input_ids.numel()
+
     def to(self, device: torch.device) -> "PairBatch":
         return replace(self, input_ids=self.input_ids.to(device), position_ids=self.position_ids.to(device),
                        targets=self.targets.to(device))
