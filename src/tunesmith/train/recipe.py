@@ -22,6 +22,7 @@ from tunesmith.config.validate import validate_for_train
 from tunesmith.data.batching import split_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
+from tunesmith.train.memory import recompute_cheap_activations
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
@@ -76,7 +77,7 @@ class Trainer:
         s.model.train()
         sums = {name: torch.zeros((), device=acc.device) for name in objective.metric_names}
         for k, (batch, weight) in enumerate(batches):
-            with s.stepper.accumulating(last=k == len(batches) - 1), acc.autocast():
+            with s.stepper.accumulating(last=k == len(batches) - 1), acc.autocast(), recompute_cheap_activations():
                 loss, metrics = objective.loss_sum(s.model, batch)
                 # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
                 s.stepper.backward(loss * weight * acc.num_processes / max(n_global, 1))
