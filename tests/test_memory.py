@@ -16,9 +16,10 @@ def test_silu_recompute_gives_identical_gradients_and_keeps_less(tiny_model_dir)
 
     def grads(context):
         model.zero_grad(set_to_none=True)
-        with context:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with torch.enable_grad():  # inference commands run earlier in this process turn gradients off globally
+            with context:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     kept = {"plain": 0, "recomputed": 0}
