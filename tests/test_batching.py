@@ -100,26 +100,30 @@ def test_padding_free_check_accepts_honest_models_and_rejects_leaky_ones(tiny_mo
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_short_half_precision_attention_matches_sdpa(kv_heads):
-    """The matmul path for short bf16 samples equals PyTorch's SDPA (computed in fp32) within bf16 rounding,
-    forward and backward, with grouped key/value heads."""
+@pytest.mark.parametrize("length", [37, 300])
+@torch.enable_grad()
+def test_blocked_cpu_attention_matches_sdpa(kv_heads, length):
+    """The blocked CPU attention (one block at 37 tokens, three of 128 queries at 300) equals PyTorch's SDPA:
+    to float rounding in fp32, within bf16 rounding in bf16, forward and backward, with grouped key/value heads."""
     import torch.nn.functional as F
 
-    from tunesmith.model.attention import causal_attention
+    from tunesmith.model import attention
 
     gen = torch.Generator().manual_seed(0)
-    q32, k32, v32 = (torch.randn(1, h, 37, 16, generator=gen) for h in (4, kv_heads, kv_heads))
+    q32, k32, v32 = (torch.randn(1, h, length, 16, generator=gen) for h in (4, kv_heads, kv_heads))
     reference = [t.clone().requires_grad_() for t in (q32, k32, v32)]
     expected = F.scaled_dot_product_attention(*reference, is_causal=True, enable_gqa=kv_heads != 4)
     expected.pow(2).sum().backward()
-    half = [t.to(torch.bfloat16).requires_grad_() for t in (q32, k32, v32)]
-    got = causal_attention(*half, dropout=0.0, scaling=None, gqa=kv_heads != 4)
-    got.float().pow(2).sum().backward()
-    torch.testing.assert_close(got.float(), expected.detach(), rtol=0, atol=3e-2)
-    for h, r in zip(half, reference):
-        torch.testing.assert_close(h.grad.float(), r.grad, rtol=2e-2, atol=6e-2)
-    # the first query attends only to itself: its output is exactly its value row
-    torch.testing.assert_close(got[0, :, 0].float(), half[2][0, :, 0].float().repeat_interleave(4 // kv_heads, 0))
+    for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 6e-2)):
+        assert 4 * length**2 <= attention.BLOCKED_MAX_PROBS[dtype]  # the blocked path is the one under test
+        inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q32, k32, v32)]
+        got = attention.causal_attention(*inputs, dropout=0.0, scaling=None, gqa=kv_heads != 4)
+        got.float().pow(2).sum().backward()
+        torch.testing.assert_close(got.float(), expected.detach(), rtol=0, atol=atol / 2)
+        for h, r in zip(inputs, reference):
+            torch.testing.assert_close(h.grad.float(), r.grad, rtol=atol / 3, atol=atol)
+        # the first query attends only to itself: its output is exactly its value row
+        torch.testing.assert_close(got[0, :, 0].float(), inputs[2][0, :, 0].float().repeat_interleave(4 // kv_heads, 0))
 
 
 def test_split_by_tokens_keeps_units_whole_and_in_order():

@@ -73,8 +73,8 @@ def _causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> torch
 class BlockedCausalAttention(torch.autograd.Function):
     """softmax(q k^T * scale + causal mask) v on (batch*heads, length, dim) tensors, QUERY_BLOCK queries at a time:
     each block scores only the keys up to its own end, so about half of the masked square is never computed, and
-    a block's scores stay in cache. Softmax accumulates in fp32; the probabilities are kept in the input dtype for
-    the backward (the same rounding as eager attention's `softmax(dtype=float32).to(dtype)`), whose gradient
+    a block's scores stay in cache. The probabilities are kept in the input dtype for the backward (the same rounding
+    as eager attention's `softmax(dtype=float32).to(dtype)`, bit for bit), whose gradient
     formulas are the standard ones: dV = P^T dO, dS = P * (dO V^T - rowsum), dQ = dS K, dK = dS^T Q."""
 
     @staticmethod
@@ -85,7 +85,7 @@ class BlockedCausalAttention(torch.autograd.Function):
         for start in range(0, length, QUERY_BLOCK):
             end = min(start + QUERY_BLOCK, length)
             scores = torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=scale)
-            p = scores.softmax(-1, dtype=torch.float32).to(q.dtype) if q.dtype != torch.float32 else scores.softmax(-1)
+            p = scores.softmax(-1)  # the CPU kernel accumulates bf16/fp16 in fp32 and rounds once
             probs.append(p)
             outputs.append(p @ v[:, :end])
         ctx.save_for_backward(q, k, v, *probs)
