@@ -93,8 +93,6 @@ def apply_finetuning(model: Any, cfg: Config) -> Any:
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-    if cfg.training.bf16 or cfg.training.fp16:
-        keep_adapter_inputs_in_half_precision(model)
     if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -103,7 +101,8 @@ def apply_finetuning(model: Any, cfg: Config) -> Any:
 def keep_adapter_inputs_in_half_precision(model: Any) -> None:
     """peft casts an adapter's input to the adapter's fp32 dtype; under bf16/fp16 autocast the adapter's matmuls
     cast it straight back, so the cast is a full-size copy each way for nothing (the round trip is exact). peft's
-    documented switch for this is the layer attribute `cast_input_dtype_enabled`."""
+    documented switch for this is the layer attribute `cast_input_dtype_enabled`. Only for a model that then
+    always runs under autocast."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():

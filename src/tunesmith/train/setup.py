@@ -190,7 +190,7 @@ def load_data(cfg: Config, accelerator: Any) -> tuple[Any, Any, Datasets]:
 def build_setup(cfg: Config) -> Setup:
     from transformers import set_seed
 
-    from tunesmith.model.adapters import apply_finetuning, parameter_counts
+    from tunesmith.model.adapters import apply_finetuning, keep_adapter_inputs_in_half_precision, parameter_counts
     from tunesmith.model.loading import load_model
 
     from tunesmith.train.distributed import innermost_optimizer, make_accelerator, make_stepper
@@ -219,6 +219,8 @@ def build_setup(cfg: Config) -> Setup:
         log.warning("this model's attention does not honour packed position ids; using padded batches")
     elif cfg.model.attn_implementation in ("auto", "sdpa"):
         use_varlen_attention(model)
+    if t.bf16 or t.fp16:  # from here on the model runs under autocast only (the probe above did not)
+        keep_adapter_inputs_in_half_precision(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model, objective = build_objective(model, cfg, data, padding_free, pad_id, accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
