@@ -1,9 +1,10 @@
 """Padding-free attention for training on the CPU (and GPUs without FlashAttention).
 
 A packed row holds several samples. SDPA with a block-diagonal mask computes the whole T x T score matrix,
-masked blocks included; running SDPA causally on each sample's slice computes only what is needed and lets
-PyTorch use its fused kernels (about 3x faster on a 2-core CPU for 4 samples per row). Registered through
-transformers' AttentionInterface; without sample bounds it is plain SDPA.
+masked blocks included; attending causally within each sample's slice computes only what is needed (about 3x
+faster on a 2-core CPU for 4 samples per row): SDPA's fused kernels on GPUs, a blocked implementation with a
+written-out backward on CPUs. Registered through transformers' AttentionInterface; without sample bounds a row is
+one sample.
 """
 
 from __future__ import annotations
