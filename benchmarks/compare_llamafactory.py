@@ -260,9 +260,12 @@ def readme_table(lines: list[dict], machine: str) -> str:
            f"{r['achieved_tflops']:.3f} TFLOP/s of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak: "
            f"MFU {100 * r['mfu']:.1f}%" for r in lines if "mfu" in r]
     samples = next((r["samples"] for r in lines if "samples" in r), "?")
+    runs = next((r["tunesmith"].get("runs", 1) for r in lines if "tunesmith" in r), 1)
+    repeats = f"; each tool run {runs} times per case, alternating: fastest time, highest RSS" if runs > 1 else ""
     return "\n".join([START, f"Measured on {machine}, {samples} synthetic long-tailed samples (10% held out), "
                        "supervised tokens/s over each tool's own training time; tunesmith with "
-                       "`max_tokens_per_forward: 1024`, LLaMA-Factory with its defaults:", "", *rows, "", *mfu, END])
+                       f"`max_tokens_per_forward: 1024`, LLaMA-Factory with its defaults{repeats}:", "", *rows, "",
+                       *mfu, END])
 
 
 def write_readme(lines: list[dict], machine: str) -> None:
