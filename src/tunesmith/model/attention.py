@@ -9,7 +9,6 @@ one sample.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -66,9 +65,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout:
     return BlockedCausalAttention.apply(q3, k3, v3, scale).view(batch, heads, length, dim)
 
 
-@functools.lru_cache(maxsize=64)
+_CAUSAL_BIAS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu(1)
+    """Additive causal mask (0 on and below the diagonal, -inf above). The top-left L x L corner of a larger one is
+    the mask of length L, so one matrix per dtype, grown to the longest sample, serves every length."""
+    bias = _CAUSAL_BIAS.get((dtype, device))
+    if bias is None or bias.shape[0] < length:
+        size = -(-length // 256) * 256
+        bias = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu(1)
+        _CAUSAL_BIAS[(dtype, device)] = bias
+    return bias
 
 
 class BlockedCausalAttention(torch.autograd.Function):
