@@ -58,7 +58,6 @@ def test_adapter_inputs_stay_in_bf16_under_autocast_with_identical_gradients(tin
 
     def run():
         model.zero_grad(set_to_none=True)
-        copies = 0
         with torch.enable_grad(), torch.profiler.profile() as prof:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
