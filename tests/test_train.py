@@ -97,12 +97,45 @@ def test_accumulation_is_equivalent_to_a_bigger_batch(tmp_path, tiny_model_dir, 
     # the same batch cut into passes of at most 30 tokens (one sample each here): the same gradients again
     cut = train(tmp_path, tiny_model_dir, data_dir, "b4cut", "finetuning_type=full", "max_steps=2",
                 "per_device_train_batch_size=4", "optim=sgd", "learning_rate=0.5", "max_tokens_per_forward=30")
-    assert logged(big) == pytest.approx(logged(acc), rel=1e-6)
-    assert logged(big) == pytest.approx(logged(cut), rel=1e-6)
-    a, b, c = (load_file(out / "model.safetensors") for out in (big, acc, cut))
+    # the two micro-batches' samples dealt to two threads that run side by side: the same gradients again
+    par = train(tmp_path, tiny_model_dir, data_dir, "b2x2par", "finetuning_type=full", "max_steps=2",
+                "per_device_train_batch_size=2", "gradient_accumulation_steps=2", "optim=sgd", "learning_rate=0.5",
+                "parallel_passes=2")
+    for other in (acc, cut, par):
+        assert logged(big) == pytest.approx(logged(other), rel=1e-6)
+    a, *others = (load_file(out / "model.safetensors") for out in (big, acc, cut, par))
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(a[name], c[name], rtol=1e-5, atol=1e-7)
+        for other in others:
+            torch.testing.assert_close(a[name], other[name], rtol=1e-5, atol=1e-7)
+
+
+def test_parallel_passes_are_reproducible_and_deal_work_by_cost(tmp_path, tiny_model_dir, data_dir):
+    from tunesmith.train.parallel_passes import deal_to_workers
+
+    lengths = np.array([10, 40, 30, 20])
+    window = [[[0], [1]], [[2], [3]]]
+    # longest first, each to the least loaded worker; no pass longer than a micro-batch (50 tokens) by default
+    assert deal_to_workers(window, lengths, 2, 0) == [[[[1], [0]]], [[[2], [3]]]]
+    assert deal_to_workers(window, lengths, 2, 30) == [[[[1]], [[0]]], [[[2]], [[3]]]]
+    assert deal_to_workers(window, lengths, 3, 0) == [[[[1]]], [[[2]]], [[[3], [0]]]]
+    runs = [train(tmp_path, tiny_model_dir, data_dir, f"par{k}", "max_steps=3", "gradient_accumulation_steps=3",
+                  "parallel_passes=2") for k in range(2)]
+    first, second = (load_file(out / "adapter_model.safetensors") for out in runs)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_parallel_passes_refuse_what_they_cannot_run():
+    from types import SimpleNamespace
+
+    from tunesmith.config import load_config
+    from tunesmith.config.loader import ConfigError
+    from tunesmith.train.recipe import make_pass_pool
+
+    cfg = load_config(["parallel_passes=2"])
+    acc = SimpleNamespace(device=torch.device("cuda"), num_processes=2, scaler=None)
+    with pytest.raises(ConfigError, match="the device is cuda, 2 processes run.*set `parallel_passes: 1`"):
+        make_pass_pool(cfg, SimpleNamespace(accelerator=acc, stepper=None))
+    assert make_pass_pool(load_config([]), SimpleNamespace(accelerator=acc, stepper=None)) is None
 
 
 def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir, data_dir):

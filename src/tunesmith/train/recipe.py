@@ -23,6 +23,7 @@ from tunesmith.data.batching import split_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations
+from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
@@ -60,6 +61,7 @@ class Trainer:
         self.window = self.new_window()
         self.run_loss = {"loss": 0.0, "units": 0}
         self.logger: TrainLogger | None = None
+        self.pass_pool = make_pass_pool(cfg, s)
 
     @staticmethod
     def new_window() -> dict[str, Any]:
@@ -68,26 +70,53 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
     def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, Any]:
         s, acc, objective = self.s, self.s.accelerator, self.s.objective
-        window = self.split_passes(window)
+        groups = self.plan_passes(window)
         # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
-        batches = [(objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0)
-                   for units in window]
-        local = sum(objective.count(b) * weight for b, weight in batches)
+        batches = [[(objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0)
+                    for units in group] for group in groups]
+        local = sum(objective.count(b) * weight for group in batches for b, weight in group)
         n_global = int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
         s.model.train()
-        sums = {name: torch.zeros((), device=acc.device) for name in objective.metric_names}
-        for k, (batch, weight) in enumerate(batches):
-            with s.stepper.accumulating(last=k == len(batches) - 1), acc.autocast(), recompute_cheap_activations():
-                loss, metrics = objective.loss_sum(s.model, batch)
-                # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
-                s.stepper.backward(loss * weight * acc.num_processes / max(n_global, 1))
-            for name, value in metrics.items():
-                sums[name] += value.float() * weight
+        # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
+        scale = acc.num_processes / max(n_global, 1)
+        if self.pass_pool is None:
+            metrics = self.run_passes(batches[0], scale)
+        else:
+            results = self.pass_pool.run(batches, lambda group: self.run_passes(group, scale, return_grads=True))
+            add_in_order(s.stepper.trainable, [grads for grads, _ in results])
+            metrics = [m for _, group_metrics in results for m in group_metrics]
+        sums = {name: sum((m[name].float() for m in metrics), torch.zeros((), device=acc.device))
+                for name in objective.metric_names}
         grad_norm = s.stepper.update()
         s.scheduler.step()
-        all_tokens = sum(b.n_tokens * w for b, w in batches)
+        all_tokens = sum(b.n_tokens * w for group in batches for b, w in group)
         return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
                 "grad_norm": grad_norm, "all_tokens": all_tokens * acc.num_processes}
+
+    def run_passes(self, passes: list[tuple[Any, float]], scale: float, return_grads: bool = False) -> Any:
+        """Forward and backward of each (batch, weight): the backward accumulates into .grad, or, with
+        `return_grads` (a worker of `parallel_passes`), into gradients returned with the metrics."""
+        s, objective = self.s, self.s.objective
+        grads, metrics = None, []
+        for k, (batch, weight) in enumerate(passes):
+            with torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
+                    s.accelerator.autocast(), recompute_cheap_activations():
+                loss, values = objective.loss_sum(s.model, batch)
+                if not return_grads:
+                    s.stepper.backward(loss * weight * scale)
+                else:
+                    new = torch.autograd.grad(loss * weight * scale, s.stepper.trainable, allow_unused=True)
+                    grads = list(new) if grads is None else [
+                        b if a is None else a if b is None else a.add_(b) for a, b in zip(grads, new)]
+            metrics.append({name: value * weight for name, value in values.items()})
+        return (grads, metrics) if return_grads else metrics
+
+    def plan_passes(self, window: list[list[list[int]]]) -> list[list[list[list[int]]]]:
+        """The step's passes, one list per worker: one worker unless `parallel_passes` > 1."""
+        if self.pass_pool is None:
+            return [self.split_passes(window)]
+        return deal_to_workers(window, self.s.data.train.lengths, self.pass_pool.workers,
+                               self.cfg.training.max_tokens_per_forward)
 
     def split_passes(self, window: list[list[list[int]]]) -> list[list[list[int]]]:
         """Micro-batches cut to `max_tokens_per_forward`; every rank runs as many passes (empty ones are run
@@ -199,6 +228,24 @@ class Trainer:
                              s.scheduler, st, acc.process_index, acc.is_main_process, acc.wait_for_everyone)
         if acc.is_main_process:
             ckpt.rotate(self.out, t.save_total_limit, st.best_checkpoint)
+
+
+def make_pass_pool(cfg: Config, s: Setup) -> PassPool | None:
+    workers = cfg.training.parallel_passes
+    if workers <= 1:
+        return None
+    acc = s.accelerator
+    problems = [why for why, bad in (
+        (f"the device is {acc.device.type}", acc.device.type != "cpu"),
+        (f"{acc.num_processes} processes run", acc.num_processes > 1),
+        ("a gradient scaler (fp16) is in use", getattr(acc, "scaler", None) is not None),
+        ("DeepSpeed/FSDP owns the backward", type(s.stepper).__name__ != "Stepper")) if bad]
+    if problems:
+        raise ConfigError([f"`parallel_passes: {workers}` runs passes on the threads of one CPU process, but "
+                           f"{', '.join(problems)}: set `parallel_passes: 1`"])
+    log.info("parallel_passes: %d passes at a time, %d threads each", workers,
+             max(1, torch.get_num_threads() // workers))
+    return PassPool(workers)
 
 
 def peak_memory() -> dict[str, float]:
