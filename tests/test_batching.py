@@ -124,6 +124,11 @@ def test_blocked_cpu_attention_matches_sdpa(kv_heads, length):
             torch.testing.assert_close(h.grad.float(), r.grad, rtol=atol / 3, atol=atol)
         # the first query attends only to itself: its output is exactly its value row
         torch.testing.assert_close(got[0, :, 0].float(), inputs[2][0, :, 0].float().repeat_interleave(4 // kv_heads, 0))
+    # keys that need no gradient (the first layer under LoRA on q/v) leave the other gradients as they were
+    q, v = (t.clone().requires_grad_() for t in (q32, v32))
+    attention.causal_attention(q, k32, v, dropout=0.0, scaling=None, gqa=kv_heads != 4).pow(2).sum().backward()
+    torch.testing.assert_close(q.grad, reference[0].grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.grad, reference[2].grad, rtol=1e-5, atol=1e-5)
 
 
 def test_split_by_tokens_keeps_units_whole_and_in_order():

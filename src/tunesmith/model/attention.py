@@ -104,8 +104,11 @@ class BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, *probs = ctx.saved_tensors
+        # keys of the first layer under LoRA on q/v need no gradient: skip that product
+        need_k = ctx.needs_input_grad[1]
         grad_q = torch.empty_like(q)
-        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # sums over blocks: accumulate in fp32
+        # sums over blocks: accumulate in fp32
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if need_k else None
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         for block, p in enumerate(probs):
             start, end = block * QUERY_BLOCK, block * QUERY_BLOCK + p.shape[1]
@@ -113,8 +116,9 @@ class BlockedCausalAttention(torch.autograd.Function):
             grad_v[:, :end] += p.transpose(1, 2) @ g
             grad_scores = torch._softmax_backward_data(g @ v[:, :end].transpose(1, 2), p, -1, p.dtype)
             grad_q[:, start:end] = (grad_scores @ k[:, :end]) * ctx.scale
-            grad_k[:, :end] += grad_scores.transpose(1, 2) @ q[:, start:end]
-        return grad_q, (grad_k * ctx.scale).to(k.dtype), grad_v.to(v.dtype), None
+            if grad_k is not None:
+                grad_k[:, :end] += grad_scores.transpose(1, 2) @ q[:, start:end]
+        return grad_q, None if grad_k is None else (grad_k * ctx.scale).to(k.dtype), grad_v.to(v.dtype), None
 
 
 def no_mask(*args: Any, **kwargs: Any) -> None:
