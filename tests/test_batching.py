@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunesmith.data.batching import BatchPlan, collate, pack_units, split_by_tokens
+from tunesmith.data.batching import BatchPlan, collate, pack_by_tokens, pack_units
 from tunesmith.data.encode import Encoded
 from tunesmith.data.pipeline import EncodedSet
 from tunesmith.train.loss import token_loss_sum
@@ -131,9 +131,11 @@ def test_blocked_cpu_attention_matches_sdpa(kv_heads, length):
     torch.testing.assert_close(v.grad, reference[2].grad, rtol=1e-5, atol=1e-5)
 
 
-def test_split_by_tokens_keeps_units_whole_and_in_order():
+def test_pack_by_tokens_keeps_units_whole_in_few_passes():
     lengths = np.array([10, 30, 5, 50, 20, 20])
-    units = [[0], [1], [2, 4], [3], [5]]
-    assert split_by_tokens(units, lengths, 40) == [[[0], [1]], [[2, 4]], [[3]], [[5]]]
-    assert split_by_tokens(units, lengths, 1000) == [units]
-    assert split_by_tokens([], lengths, 40) == [[]]
+    units = [[0], [1], [2, 4], [3], [5]]  # 10, 30, 25, 50, 20 tokens
+    # first-fit decreasing: 50 alone (over budget), 30 then 10, 25 and 20 apart at 40, together at 45
+    assert pack_by_tokens(units, lengths, 40) == [[[3]], [[1], [0]], [[2, 4]], [[5]]]
+    assert pack_by_tokens(units, lengths, 45) == [[[3]], [[1], [0]], [[2, 4], [5]]]
+    assert pack_by_tokens(units, lengths, 1000) == [[[3], [1], [2, 4], [5], [0]]]
+    assert pack_by_tokens([], lengths, 40) == [[]]

@@ -129,8 +129,9 @@ class TrainingArgs:
     per_device_eval_batch_size: int = opt(8, "Samples per evaluation batch per device.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
     max_tokens_per_forward: int = opt(
-        0, "Run each micro-batch as forward/backward passes of at most this many tokens (whole samples): the "
-        "same gradients, with the activation peak of a long-tailed batch bounded; 0 = one pass per micro-batch.")
+        0, "Run each optimizer step's samples (all its micro-batches) as forward/backward passes of at most this "
+        "many tokens (whole samples, packed first-fit decreasing): the same gradients, with the activation peak "
+        "of a long-tailed batch bounded; 0 = one pass per micro-batch.")
     parallel_passes: int = opt(
         1, "CPU, one process: run this many forward/backward passes of a step at once, each on its share of the "
         "cores (the step's samples dealt out by cost, gradients added in a fixed order). Pays for small models in "

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from tunesmith.data.batching import split_by_tokens
+from tunesmith.data.batching import pack_by_tokens
 
 # A sample's cost in token-equivalents: its tokens plus the attention term, which grows with the square of its
 # length (the weight is a rough fit to small Llamas on a CPU; it only balances the workers, it changes no result).
@@ -27,7 +27,7 @@ ATTENTION_TOKENS = 2048
 def deal_to_workers(window: list[list[list[int]]], lengths: np.ndarray, workers: int,
                     budget: int) -> list[list[list[list[int]]]]:
     """The units of a step's micro-batches dealt to `workers` groups of about equal cost (longest first, each to
-    the least loaded group), each group cut into passes of at most `budget` tokens; `budget` <= 0 keeps the
+    the least loaded group), each group packed into passes of at most `budget` tokens; `budget` <= 0 keeps the
     largest micro-batch's token count as the bound, so no pass holds more than a micro-batch would."""
     units = [unit for micro_batch in window for unit in micro_batch]
     size = {id(unit): int(sum(lengths[i] for i in unit)) for unit in units}
@@ -39,7 +39,7 @@ def deal_to_workers(window: list[list[list[int]]], lengths: np.ndarray, workers:
         n = size[id(unit)]
         loads[k] += n + n * n / ATTENTION_TOKENS
         groups[k].append(unit)
-    return [split_by_tokens(group, lengths, budget) if group else [] for group in groups]
+    return [pack_by_tokens(group, lengths, budget) if group else [] for group in groups]
 
 
 class PassPool:

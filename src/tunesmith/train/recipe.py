@@ -19,7 +19,7 @@ import torch
 from tunesmith.config import Config, config_to_yaml
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
-from tunesmith.data.batching import split_by_tokens
+from tunesmith.data.batching import pack_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations
@@ -119,13 +119,13 @@ class Trainer:
                                self.cfg.training.max_tokens_per_forward)
 
     def split_passes(self, window: list[list[list[int]]]) -> list[list[list[int]]]:
-        """Micro-batches cut to `max_tokens_per_forward`; every rank runs as many passes (empty ones are run
-        with weight 0), so the collectives of DeepSpeed and DDP stay in step."""
+        """The step's samples packed into as few passes of at most `max_tokens_per_forward` tokens as possible;
+        every rank runs as many passes (empty ones are run with weight 0), so the collectives of DeepSpeed and
+        DDP stay in step."""
         budget = self.cfg.training.max_tokens_per_forward
         if budget <= 0:
             return window
-        lengths = self.s.data.train.lengths
-        passes = [group for units in window for group in split_by_tokens(units, lengths, budget)]
+        passes = pack_by_tokens([unit for units in window for unit in units], self.s.data.train.lengths, budget)
         count = torch.tensor(len(passes), device=self.s.accelerator.device)
         if self.s.accelerator.num_processes > 1:
             torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
