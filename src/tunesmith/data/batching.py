@@ -84,40 +84,35 @@ def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id
                  torch.from_numpy(mask), n_samples)
 
 
+def first_fit(items: list, sizes: list[int], capacity: int) -> list[list]:
+    """Each item, in the given order, into the first bin with room for it (a new bin if none; an item larger
+    than `capacity` gets a bin of its own)."""
+    bins: list[list] = []
+    room: list[int] = []
+    for item, n in zip(items, sizes):
+        k = next((k for k, r in enumerate(room) if n <= r), None)
+        if k is None:
+            bins.append([])
+            room.append(capacity)
+            k = len(bins) - 1
+        bins[k].append(item)
+        room[k] -= n
+    return bins
+
+
 def pack_by_tokens(units: list[list[int]], lengths: np.ndarray, budget: int) -> list[list[list[int]]]:
     """Whole units in as few groups of at most `budget` tokens as first-fit decreasing finds (a longer unit goes
     alone): the passes of one optimizer step. The loss is normalised by the step's token count, so passes over
     the groups give the step's gradients, however its micro-batches are regrouped; fuller passes mean fewer,
     larger kernels (tiny fp32 benchmark model: +4-11% tokens/s in-process over cutting each micro-batch alone)."""
-    size = {id(unit): int(sum(lengths[i] for i in unit)) for unit in units}
-    groups: list[list[list[int]]] = []
-    room: list[int] = []
-    for unit in sorted(units, key=lambda u: -size[id(u)]):  # stable: equal sizes keep their order
-        k = next((k for k, r in enumerate(room) if size[id(unit)] <= r), None)
-        if k is None:
-            groups.append([])
-            room.append(budget)
-            k = len(groups) - 1
-        groups[k].append(unit)
-        room[k] -= size[id(unit)]
-    return groups or [[]]
+    sized = sorted(((int(sum(lengths[i] for i in unit)), unit) for unit in units),
+                   key=lambda pair: -pair[0])  # stable: equal sizes keep their order
+    return first_fit([unit for _, unit in sized], [n for n, _ in sized], budget) or [[]]
 
 
 def pack_units(lengths: np.ndarray, order: list[int], capacity: int) -> list[list[int]]:
     """Greedy first-fit of samples (in the given order) into bins of at most `capacity` tokens."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = int(lengths[i])
-        for k, r in enumerate(room):
-            if n <= r:
-                bins[k].append(i)
-                room[k] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - n)
-    return bins
+    return first_fit(list(order), [int(lengths[i]) for i in order], capacity)
 
 
 class BatchPlan:
