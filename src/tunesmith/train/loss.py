@@ -9,14 +9,17 @@ import torch.nn.functional as F
 
 from tunesmith.data.batching import IGNORE, Batch
 from tunesmith.model.attention import BOUNDS_KWARG
+from tunesmith.model.kept_rows import KEEP_ROWS_KWARG
 
 
-def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket: int = 1) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket: int = 1,
+                   kept_rows: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over supervised positions, and their count.
 
     The output head runs only on supervised positions (`logits_to_keep` with their indices), so prompt tokens
     and a large vocabulary cost neither time nor memory; the loss itself is computed in fp32. `bucket` > 1
     rounds the number of kept positions up (repeats of the last one, without targets) to limit distinct shapes.
+    `kept_rows`: the model's last layer was installed by `model.kept_rows` and also works only at those positions.
     """
     supervised = batch.targets != IGNORE
     keep = supervised.any(dim=0).nonzero().squeeze(-1)
@@ -28,8 +31,10 @@ def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket
         keep = torch.cat([keep, keep[-1:].expand(extra_rows)])
         targets = torch.cat([targets, targets.new_full((targets.shape[0], extra_rows), IGNORE)], dim=1)
     extra = {BOUNDS_KWARG: batch.seq_bounds} if batch.seq_bounds is not None else {}
+    if kept_rows:  # the last layer already returns only the kept rows: the head takes them all
+        extra[KEEP_ROWS_KWARG] = keep
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
-                use_cache=False, logits_to_keep=keep, **extra)
+                use_cache=False, logits_to_keep=0 if kept_rows else keep, **extra)
     logits = out.logits.float()                      # [rows, len(keep), vocab]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")

@@ -21,9 +21,10 @@ class LMObjective:
 
     unit = "supervised_tokens"
 
-    def __init__(self, padding_free: bool, pad_id: int, accuracy: bool = False, shape_bucket: int = 1):
+    def __init__(self, padding_free: bool, pad_id: int, accuracy: bool = False, shape_bucket: int = 1,
+                 kept_rows: bool = False):
         self.padding_free, self.pad_id, self.accuracy = padding_free, pad_id, accuracy
-        self.bucket = shape_bucket
+        self.bucket, self.kept_rows = shape_bucket, kept_rows
         self.metric_names = ("loss", "accuracy") if accuracy else ("loss",)
 
     def collate(self, data: Any, units: list[list[int]]) -> Any:
@@ -34,7 +35,7 @@ class LMObjective:
 
     def loss_sum(self, model: Any, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         correct: list[torch.Tensor] | None = [] if self.accuracy else None
-        loss, _ = token_loss_sum(model, batch, correct, self.bucket)
+        loss, _ = token_loss_sum(model, batch, correct, self.bucket, self.kept_rows)
         metrics = {"loss": loss.detach()}
         if correct:
             metrics["accuracy"] = correct[0]

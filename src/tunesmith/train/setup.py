@@ -108,14 +108,32 @@ def shape_bucket(cfg: Config, device: Any) -> int:
     return HALF_PRECISION_CPU_BUCKET if half and torch.device(device).type == "cpu" else 1
 
 
+def last_layer_at_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:
+    """The last layer's MLP only at supervised positions (model/kept_rows.py), where the loop allows it: not
+    with gradient checkpointing, compilation, FSDP or DeepSpeed, which wrap or shard layers by their class."""
+    from accelerate.utils import DistributedType
+
+    from tunesmith.model import kept_rows
+
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if sharded or cfg.training.gradient_checkpointing or cfg.training.torch_compile:
+        return False
+    with accelerator.autocast():
+        installed = kept_rows.install(model, model.config.vocab_size)
+    log.info("last layer at supervised positions only: %s", "on" if installed else "off (not a known layer)")
+    return installed
+
+
 def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool, pad_id: int,
-                    device: Any) -> tuple[Any, Any]:
+                    accelerator: Any) -> tuple[Any, Any]:
     """The stage's objective; for rm the model gains a value head, for dpo a reference."""
     from tunesmith.train import objectives
 
     f = cfg.finetuning
+    device = accelerator.device
     if f.stage in ("pt", "sft"):
-        return model, objectives.LMObjective(padding_free, pad_id, f.compute_accuracy, shape_bucket(cfg, device))
+        return model, objectives.LMObjective(padding_free, pad_id, f.compute_accuracy, shape_bucket(cfg, device),
+                                             last_layer_at_kept_rows(model, cfg, accelerator))
     if f.stage == "rm":
         from tunesmith.model.value_head import RewardModel
 
@@ -222,7 +240,7 @@ def build_setup(cfg: Config) -> Setup:
     if t.bf16 or t.fp16:  # from here on the model runs under autocast only (the probe above did not)
         keep_adapter_inputs_in_half_precision(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model, objective = build_objective(model, cfg, data, padding_free, pad_id, accelerator.device)
+    model, objective = build_objective(model, cfg, data, padding_free, pad_id, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     packing_len = cfg.data.cutoff_len if cfg.data.packing else None
     plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
