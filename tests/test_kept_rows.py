@@ -35,8 +35,9 @@ def lora_model(path, seed=0):
 
 def loss_and_grads(model, batch, kept):
     model.zero_grad()
-    loss, count = token_loss_sum(model, batch, kept_rows=kept)
-    loss.backward()
+    with torch.enable_grad():  # whatever an earlier test left switched off
+        loss, count = token_loss_sum(model, batch, kept_rows=kept)
+        loss.backward()
     return float(loss.detach()), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
