@@ -157,12 +157,12 @@ def run_tool(tool: str, name: str, dtype: str, work: Path, lf_cli: Path) -> tupl
     shutil.rmtree(out, ignore_errors=True)
     cfg = job(model, data, out, dtype == "bf16")
     if tool == "tunesmith":
-        # passes of at most cutoff_len tokens: the same gradients, a bounded activation peak (LLaMA-Factory's
-        # default memory saver is gradient checkpointing, which recomputes the forward)
-        cfg.update(template="vanilla", disable_tqdm=True, data_cache_dir=str(work / "cache"),
-                   max_tokens_per_forward=cfg["cutoff_len"])
-        if dtype == "bf16":  # bf16 kernels of small models use several cores poorly: two passes at once
-            cfg.update(parallel_passes=2)
+        # Two passes at once, each on one core (the kernels of small models split over cores poorly), with at
+        # most cutoff_len tokens in flight in fp32 (a longer sample runs alone on both cores): the same
+        # gradients, a bounded activation peak (LLaMA-Factory's default memory saver is gradient checkpointing,
+        # which recomputes the forward). bf16 activations are half the size: twice the tokens in flight.
+        cfg.update(template="vanilla", disable_tqdm=True, data_cache_dir=str(work / "cache"), parallel_passes=2,
+                   max_tokens_per_forward=cfg["cutoff_len"] * (2 if dtype == "bf16" else 1))
         cmd = [sys.executable, "-m", "tunesmith.cli", "train"]
     else:
         cfg.update(template="empty", use_cpu=True, do_eval=False, eval_strategy="no",

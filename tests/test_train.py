@@ -115,13 +115,30 @@ def test_parallel_passes_are_reproducible_and_deal_work_by_cost(tmp_path, tiny_m
     lengths = np.array([10, 40, 30, 20])
     window = [[[0], [1]], [[2], [3]]]
     # longest first, each to the least loaded worker; no pass longer than a micro-batch (50 tokens) by default
-    assert deal_to_workers(window, lengths, 2, 0) == [[[[1], [0]]], [[[2], [3]]]]
-    assert deal_to_workers(window, lengths, 2, 30) == [[[[1]], [[0]]], [[[2]], [[3]]]]
-    assert deal_to_workers(window, lengths, 3, 0) == [[[[1]]], [[[2]]], [[[3], [0]]]]
+    assert deal_to_workers(window, lengths, 2, 0) == ([], [[[[1], [0]]], [[[2], [3]]]])
+    assert deal_to_workers(window, lengths, 3, 0) == ([], [[[[1]]], [[[2]]], [[[3], [0]]]])
+    # a budget bounds the tokens in flight: passes of 30 per worker, a longer unit alone on all cores
+    assert deal_to_workers(window, lengths, 2, 60) == ([[[1]]], [[[[2]]], [[[3], [0]]]])
+    assert deal_to_workers(window, lengths, 2, 30) == ([[[1]], [[2]], [[3]]], [[[[0]]], []])
+    assert deal_to_workers(window, lengths, 2, 100) == ([], [[[[1], [0]]], [[[2], [3]]]])
     runs = [train(tmp_path, tiny_model_dir, data_dir, f"par{k}", "max_steps=3", "gradient_accumulation_steps=3",
                   "parallel_passes=2") for k in range(2)]
     first, second = (load_file(out / "adapter_model.safetensors") for out in runs)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_parallel_passes_under_a_token_budget_give_the_same_gradients(tmp_path, tiny_model_dir, data_dir):
+    # pt on lines of about 10, 20 and 30 tokens: with 40 tokens in flight, the 30-token samples run alone on all
+    # cores, the others two at a time
+    common = ["stage=pt", "dataset=corpus", "finetuning_type=full", "max_steps=2", "per_device_train_batch_size=4",
+              "gradient_accumulation_steps=2", "optim=sgd", "learning_rate=0.5"]
+    plain = train(tmp_path, tiny_model_dir, data_dir, "plain", *common)
+    mixed = train(tmp_path, tiny_model_dir, data_dir, "mixed", *common, "parallel_passes=2",
+                  "max_tokens_per_forward=40")
+    assert logged(plain) == pytest.approx(logged(mixed), rel=1e-6)
+    a, b = (load_file(out / "model.safetensors") for out in (plain, mixed))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
 def test_parallel_passes_refuse_what_they_cannot_run():

@@ -25,21 +25,47 @@ ATTENTION_TOKENS = 2048
 
 
 def deal_to_workers(window: list[list[list[int]]], lengths: np.ndarray, workers: int,
-                    budget: int) -> list[list[list[list[int]]]]:
-    """The units of a step's micro-batches dealt to `workers` groups of about equal cost (longest first, each to
-    the least loaded group), each group packed into passes of at most `budget` tokens; `budget` <= 0 keeps the
-    largest micro-batch's token count as the bound, so no pass holds more than a micro-batch would."""
+                    budget: int) -> tuple[list[list[list[int]]], list[list[list[list[int]]]]]:
+    """A step's units as (solo passes, one list of passes per worker). With a token budget, no more than `budget`
+    tokens are in flight at once: each worker's passes hold at most budget // workers tokens, and a unit longer
+    than that runs alone on all the cores, packed with the others like it into passes of `budget`. The rest are
+    dealt to `workers` groups of about equal cost (longest first, each to the least loaded group). `budget` <= 0
+    bounds each worker's pass by the largest micro-batch's token count instead, and runs nothing alone."""
     units = [unit for micro_batch in window for unit in micro_batch]
     size = {id(unit): int(sum(lengths[i] for i in unit)) for unit in units}
-    if budget <= 0:
-        budget = max(sum(size[id(u)] for u in micro_batch) for micro_batch in window)
+    if budget > 0:
+        share = max(1, budget // workers)
+        long = [u for u in units if size[id(u)] > share]
+        solo = pack_by_tokens(long, lengths, budget) if long else []
+        units = [u for u in units if size[id(u)] <= share]
+    else:
+        share = max(sum(size[id(u)] for u in micro_batch) for micro_batch in window)
+        solo = []
     loads, groups = [0.0] * workers, [[] for _ in range(workers)]
     for unit in sorted(units, key=lambda u: -size[id(u)]):
         k = loads.index(min(loads))
         n = size[id(unit)]
         loads[k] += n + n * n / ATTENTION_TOKENS
         groups[k].append(unit)
-    return [pack_by_tokens(group, lengths, budget) if group else [] for group in groups]
+    return solo, [pack_by_tokens(group, lengths, share) if group else [] for group in groups]
+
+
+def share_one_malloc_arena() -> bool:
+    """Ask glibc to serve every thread from one heap (mallopt M_ARENA_MAX = 1). By default each worker thread gets
+    its own arena, and each keeps the free space of its freed activations to itself: peak RSS of a 30M-parameter
+    fp32 LoRA run with 2 workers measured 1227 MB with an arena per thread, 1001 MB with one (same speed). Called
+    before any other thread allocates (tokenizer and OpenMP threads take arenas of their own, which the workers
+    would then share instead). A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_arena_max = -8  # from glibc's malloc.h
+    return bool(mallopt(m_arena_max, 1))
 
 
 class PassPool:

@@ -23,7 +23,7 @@ from tunesmith.data.batching import pack_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations
-from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
+from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers, share_one_malloc_arena
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
@@ -70,26 +70,31 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
     def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, Any]:
         s, acc, objective = self.s, self.s.accelerator, self.s.objective
-        groups = self.plan_passes(window)
-        # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
-        batches = [[(objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0)
-                    for units in group] for group in groups]
-        local = sum(objective.count(b) * weight for group in batches for b, weight in group)
+        solo, groups = self.plan_passes(window)
+
+        def to_batch(units: list[list[int]]) -> tuple[Any, float]:
+            # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
+            return objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0
+
+        solo_batches = [to_batch(units) for units in solo]
+        group_batches = [[to_batch(units) for units in group] for group in groups]
+        every = solo_batches + [pair for group in group_batches for pair in group]
+        local = sum(objective.count(b) * weight for b, weight in every)
         n_global = int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
         s.model.train()
         # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
         scale = acc.num_processes / max(n_global, 1)
-        if self.pass_pool is None:
-            metrics = self.run_passes(batches[0], scale)
-        else:
-            results = self.pass_pool.run(batches, lambda group: self.run_passes(group, scale, return_grads=True))
+        metrics = self.run_passes(solo_batches, scale)
+        if any(group_batches):  # the workers' sums are added after the solo passes', in worker order
+            results = self.pass_pool.run(group_batches,  # type: ignore[union-attr]
+                                         lambda group: self.run_passes(group, scale, return_grads=True))
             add_in_order(s.stepper.trainable, [grads for grads, _ in results])
-            metrics = [m for _, group_metrics in results for m in group_metrics]
+            metrics += [m for _, group_metrics in results for m in group_metrics]
         sums = {name: sum((m[name].float() for m in metrics), torch.zeros((), device=acc.device))
                 for name in objective.metric_names}
         grad_norm = s.stepper.update()
         s.scheduler.step()
-        all_tokens = sum(b.n_tokens * w for group in batches for b, w in group)
+        all_tokens = sum(b.n_tokens * w for b, w in every)
         return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
                 "grad_norm": grad_norm, "all_tokens": all_tokens * acc.num_processes}
 
@@ -111,10 +116,11 @@ class Trainer:
             metrics.append({name: value * weight for name, value in values.items()})
         return (grads, metrics) if return_grads else metrics
 
-    def plan_passes(self, window: list[list[list[int]]]) -> list[list[list[list[int]]]]:
-        """The step's passes, one list per worker: one worker unless `parallel_passes` > 1."""
+    def plan_passes(self, window: list[list[list[int]]]) -> tuple[list[list[list[int]]], list[list[list[list[int]]]]]:
+        """The step's passes: those run one at a time on all the cores, and one list per worker of those run side
+        by side (only with `parallel_passes` > 1)."""
         if self.pass_pool is None:
-            return [self.split_passes(window)]
+            return self.split_passes(window), []
         return deal_to_workers(window, self.s.data.train.lengths, self.pass_pool.workers,
                                self.cfg.training.max_tokens_per_forward)
 
@@ -314,6 +320,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
             return predict(cfg, extras)
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
     validate_for_train(cfg)
+    if cfg.training.parallel_passes > 1:
+        share_one_malloc_arena()
     resume = find_resume_point(cfg)
     advise_multi_gpu()
     s = build_setup(cfg)
