@@ -248,6 +248,13 @@ def mfu_case(work: Path, dtype: str) -> dict:
 START, END = "<!-- compare_llamafactory:start -->", "<!-- compare_llamafactory:end -->"
 
 
+def machine_name() -> str:
+    """The CPU model and core count: speed ratios differ between CPUs (AMX or not, for one)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{os.cpu_count()} cores of an {model} CPU, torch threads = cores"
+
+
 def readme_table(lines: list[dict], machine: str) -> str:
     """The README's performance table, generated from the benchmark's JSON lines."""
     rows = ["| case | params | tunesmith tok/s | LLaMA-Factory tok/s | speed-up | tunesmith RSS | LLaMA-Factory RSS "
@@ -263,12 +270,13 @@ def readme_table(lines: list[dict], machine: str) -> str:
            f"{r['achieved_tflops']:.3f} TFLOP/s of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak: "
            f"MFU {100 * r['mfu']:.1f}%" for r in lines if "mfu" in r]
     samples = next((r["samples"] for r in lines if "samples" in r), "?")
+    machine = next((r["machine"] for r in lines if "machine" in r), machine)
     runs = next((r["tunesmith"].get("runs", 1) for r in lines if "tunesmith" in r), 1)
     repeats = f"; each tool run {runs} times per case, alternating: fastest time, highest RSS" if runs > 1 else ""
     return "\n".join([START, f"Measured on {machine}, {samples} synthetic long-tailed samples (10% held out), "
                        "supervised tokens/s over each tool's own training time; tunesmith with "
-                       "`max_tokens_per_forward: 1024` (and `parallel_passes: 2` in bf16), LLaMA-Factory with its "
-                       f"defaults{repeats}:", "", *rows, "",
+                       "`parallel_passes: 2` and `max_tokens_per_forward: 1024` (fp32) or 2048 (bf16), "
+                       f"LLaMA-Factory with its defaults{repeats}:", "", *rows, "",
                        *mfu, END])
 
 
@@ -291,7 +299,7 @@ def main() -> None:
     parser.add_argument("--only-mfu", action="store_true")
     parser.add_argument("--work", default=str(BENCH / "compare"))
     parser.add_argument("--readme", metavar="JSONL", help="only rewrite the README table from saved JSON lines")
-    parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, torch threads = cores")
+    parser.add_argument("--machine", default=machine_name(), help="for tables of lines that do not name it")
     args = parser.parse_args()
     if args.readme:
         # other libraries may print to stdout (DeepSpeed's accelerator notice): only the JSON lines count
@@ -306,7 +314,7 @@ def main() -> None:
     for name in [] if args.only_mfu else args.models.split(","):
         for dtype in args.dtypes.split(","):
             print(json.dumps({**run_case(name, dtype, work, lf_cli, args.repeats), "params": params[name],
-                              "samples": args.samples}), flush=True)
+                              "samples": args.samples, "machine": machine_name()}), flush=True)
     if not args.no_mfu:
         for dtype in args.dtypes.split(","):
             print(json.dumps(mfu_case(work, dtype)), flush=True)

@@ -134,9 +134,10 @@ class TrainingArgs:
         "of a long-tailed batch bounded; 0 = one pass per micro-batch.")
     parallel_passes: int = opt(
         1, "CPU, one process: run this many forward/backward passes of a step at once, each on its share of the "
-        "cores (the step's samples dealt out by cost, gradients added in a fixed order). Pays for small models in "
-        "bf16, whose kernels use several cores poorly (+14-17% measured on 2 cores); costs one set of activations "
-        "per pass; no gain measured in fp32.")
+        "cores (the step's samples dealt out by cost, gradients added in a fixed order). Pays for small models, "
+        "whose kernels use several cores poorly (2 cores: +14-17% measured in bf16, +5% in fp32 on one CPU and "
+        "none on another). With max_tokens_per_forward, at most that many tokens are in flight at once (longer "
+        "samples run alone on all cores); without it, one set of activations per pass.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     num_train_epochs: float = opt(3.0, "Epochs to train (fractions allowed); ignored when max_steps > 0.")
     max_steps: int = opt(-1, "Optimizer steps to train; overrides num_train_epochs when > 0.")

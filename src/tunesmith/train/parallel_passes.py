@@ -1,12 +1,14 @@
 """Passes of one optimizer step run side by side on CPU threads (`parallel_passes`).
 
-On a CPU, PyTorch splits each kernel over all cores. The kernels of a small model in bf16 (attention's batched
-products over a few heads, casts, elementwise ops) are too small to split well: on 2 cores a tiny Llama runs at
-70% of its speed with one core. Running two passes at once, each on its share of the cores, keeps every core busy
-(measured +14-17% for 3M and 30M-parameter models in bf16 on 2 cores; no gain in fp32, whose products already
-split well). The step's samples are dealt to the workers by estimated cost, and each worker sums its own
-gradients; the workers' sums are added in worker order, so a run is reproducible. The cost is memory: one set
-of activations, and one copy of the trainable gradients, per worker.
+On a CPU, PyTorch splits each kernel over all cores. The kernels of a small model (attention's batched products
+over a few heads, casts, elementwise ops) are too small to split well: on 2 cores a tiny Llama in bf16 runs at
+70% of its speed with one core. Running two passes at once, each on its share of the cores, keeps every core
+busy. Measured in-process on the same steps, 2 cores: +14-17% for 3M and 30M-parameter models in bf16 on an
+Intel CPU with AMX (no gain there in fp32); +5% for the 30M model in fp32 on an AMD EPYC (+8% without the token
+bound below, at 1.2-1.4x the peak RSS). The step's samples are dealt to the workers by estimated cost, and each
+worker sums its own gradients; the workers' sums are added in worker order, so a run is reproducible. With
+`max_tokens_per_forward`, no more than that many tokens are in flight at once (samples longer than a worker's
+share run alone, on all the cores), so the activation peak is that of one pass of the budget.
 """
 
 from __future__ import annotations
