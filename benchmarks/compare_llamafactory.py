@@ -270,7 +270,9 @@ def readme_table(lines: list[dict], machine: str) -> str:
            f"{r['achieved_tflops']:.3f} TFLOP/s of a measured {r['matmul_peak_tflops']:.3f} TFLOP/s matmul peak: "
            f"MFU {100 * r['mfu']:.1f}%" for r in lines if "mfu" in r]
     samples = next((r["samples"] for r in lines if "samples" in r), "?")
-    machine = next((r["machine"] for r in lines if "machine" in r), machine)
+    machine = next((r["machine"] for r in lines if "machine" in r and "tunesmith" in r), machine)
+    mfu = [line + (f" (measured on {r['machine']})" if r.get("machine", machine) != machine else "")
+           for line, r in zip(mfu, [r for r in lines if "mfu" in r])]
     runs = next((r["tunesmith"].get("runs", 1) for r in lines if "tunesmith" in r), 1)
     repeats = f"; each tool run {runs} times per case, alternating: fastest time, highest RSS" if runs > 1 else ""
     return "\n".join([START, f"Measured on {machine}, {samples} synthetic long-tailed samples (10% held out), "
