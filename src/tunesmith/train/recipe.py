@@ -22,7 +22,7 @@ from tunesmith.config.validate import validate_for_train
 from tunesmith.data.batching import pack_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
-from tunesmith.train.memory import recompute_cheap_activations
+from tunesmith.train.memory import recompute_cheap_activations, release_free_heap
 from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers, share_one_malloc_arena
 from tunesmith.train.setup import Setup, build_setup
 
@@ -104,6 +104,8 @@ class Trainer:
         s, objective = self.s, self.s.objective
         grads, metrics = None, []
         for k, (batch, weight) in enumerate(passes):
+            if s.accelerator.device.type == "cpu":
+                release_free_heap()
             with torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
                     s.accelerator.autocast(), recompute_cheap_activations():
                 loss, values = objective.loss_sum(s.model, batch)
