@@ -104,7 +104,7 @@ class Trainer:
         s, objective = self.s, self.s.objective
         grads, metrics = None, []
         for k, (batch, weight) in enumerate(passes):
-            if s.accelerator.device.type == "cpu":
+            if self.cfg.training.trim_cpu_heap and s.accelerator.device.type == "cpu":
                 release_free_heap()
             with torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
                     s.accelerator.autocast(), recompute_cheap_activations():
