@@ -1,4 +1,5 @@
-"""Activation memory saved for free: activations that are cheap to recompute are not kept for the backward.
+"""Training memory. Activations that are cheap to recompute are not kept for the backward; on the CPU, glibc's
+heap is kept from holding freed memory per thread (one arena) and, on request, trimmed between passes.
 
 Gated MLPs (Llama, Qwen, Mistral, ...) compute `silu(gate) * up`: autograd keeps `gate` for SiLU's backward and
 also `silu(gate)` for the product's backward, one of the largest tensors of a layer. With these saved-tensor
@@ -36,13 +37,15 @@ def recompute_cheap_activations() -> Any:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Any:
+def _glibc() -> Any:
+    """The C library through ctypes, or None where it is not glibc (no mallopt / malloc_trim)."""
     import ctypes
     import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
         return None
 
 
@@ -52,6 +55,17 @@ def release_free_heap() -> None:
     its heap fragments: two 1024-token passes in a row grew a 30M-parameter fp32 LoRA job's heap by 150 MB with
     the same live bytes. Measured: peak RSS 1129 -> 917 MB in the benchmark job, but 7% slower in-process on
     the same steps (13% in a whole run) from re-faulting the pages, hence off by default."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def share_one_malloc_arena() -> bool:
+    """Ask glibc to serve every thread from one heap (mallopt M_ARENA_MAX = 1). By default each worker thread gets
+    its own arena, and each keeps the free space of its freed activations to itself: peak RSS of a 30M-parameter
+    fp32 LoRA run with 2 workers measured 1227 MB with an arena per thread, 1001 MB with one (same speed). Called
+    before any other thread allocates (tokenizer and OpenMP threads take arenas of their own, which the workers
+    would then share instead). A no-op where the C library is not glibc."""
+    libc = _glibc()
+    m_arena_max = -8  # from glibc's malloc.h
+    return libc is not None and bool(libc.mallopt(m_arena_max, 1))

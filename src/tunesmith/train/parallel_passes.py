@@ -52,24 +52,6 @@ def deal_to_workers(window: list[list[list[int]]], lengths: np.ndarray, workers:
     return solo, [pack_by_tokens(group, lengths, share) if group else [] for group in groups]
 
 
-def share_one_malloc_arena() -> bool:
-    """Ask glibc to serve every thread from one heap (mallopt M_ARENA_MAX = 1). By default each worker thread gets
-    its own arena, and each keeps the free space of its freed activations to itself: peak RSS of a 30M-parameter
-    fp32 LoRA run with 2 workers measured 1227 MB with an arena per thread, 1001 MB with one (same speed). Called
-    before any other thread allocates (tokenizer and OpenMP threads take arenas of their own, which the workers
-    would then share instead). A no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_arena_max = -8  # from glibc's malloc.h
-    return bool(mallopt(m_arena_max, 1))
-
-
 class PassPool:
     """Runs one group of passes per worker (the calling thread is worker 0) and returns each group's summed
     gradients and per-pass metrics."""

@@ -22,8 +22,8 @@ from tunesmith.config.validate import validate_for_train
 from tunesmith.data.batching import pack_by_tokens
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
-from tunesmith.train.memory import recompute_cheap_activations, release_free_heap
-from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers, share_one_malloc_arena
+from tunesmith.train.memory import recompute_cheap_activations, release_free_heap, share_one_malloc_arena
+from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
