@@ -250,9 +250,10 @@ START, END = "<!-- compare_llamafactory:start -->", "<!-- compare_llamafactory:e
 
 def machine_name() -> str:
     """The CPU model and core count: speed ratios differ between CPUs (AMX or not, for one)."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    return f"{os.cpu_count()} cores of an {model} CPU, torch threads = cores"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return f"{os.cpu_count()} cores, CPU model: {model}, torch threads = cores"
 
 
 def readme_table(lines: list[dict], machine: str) -> str:
