@@ -55,6 +55,9 @@ def release_free_heap() -> None:
     its heap fragments: two 1024-token passes in a row grew a 30M-parameter fp32 LoRA job's heap by 150 MB with
     the same live bytes. Measured: peak RSS 1129 -> 917 MB in the benchmark job, but 7% slower in-process on
     the same steps (13% in a whole run) from re-faulting the pages, hence off by default."""
+    from tunesmith.train import cpu_pool
+
+    cpu_pool.release()
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

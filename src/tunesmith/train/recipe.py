@@ -21,6 +21,7 @@ from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
 from tunesmith.data.batching import pack_by_tokens
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import cpu_pool
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations, release_free_heap, share_one_malloc_arena
 from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
@@ -261,6 +262,10 @@ def peak_memory() -> dict[str, float]:
     import resource
 
     out = {"train_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    pool = cpu_pool.stats()
+    if pool is not None:  # the tensors' share of the RSS: peak bytes in use, and the pool's resident span
+        out.update(train_cpu_pool_peak_mb=round(pool["peak_in_use"] / 2**20, 1),
+                   train_cpu_pool_span_mb=round(pool["span"] / 2**20, 1))
     if torch.cuda.is_available():
         out["train_peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return out
@@ -324,6 +329,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     validate_for_train(cfg)
     if cfg.training.parallel_passes > 1:
         share_one_malloc_arena()
+    if cfg.training.cpu_memory_pool and not torch.cuda.is_available():
+        cpu_pool.install()
     resume = find_resume_point(cfg)
     advise_multi_gpu()
     s = build_setup(cfg)
