@@ -89,6 +89,24 @@ def test_pool_reuses_freed_blocks_where_a_fragmented_heap_grows():
     assert 205 < heap_first < 230 and heap_second > 290, (heap_first, heap_second)
 
 
+PROFILED = """
+import torch
+from tunesmith.train import cpu_pool
+assert cpu_pool.install()
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    x = torch.ones(2**20)          # 4 MB: the pool's
+    y = torch.ones(2**10)          # 4 KB: malloc's
+    del x, y
+events = {e.key: e.cpu_memory_usage for e in prof.key_averages()}
+print(events["aten::empty"], events["[memory]"])
+"""
+
+
+def test_pool_allocations_show_in_the_profiler():
+    allocated, released = map(int, run(PROFILED)[-1].split())
+    assert allocated == 4 * 2**20 + 4 * 2**10 and released == -allocated
+
+
 def test_cpu_training_uses_the_pool_and_reports_it(tmp_path, tiny_model_dir):
     """On the CPU the pool is on by default, and its peak is reported beside the process's peak RSS."""
     import json

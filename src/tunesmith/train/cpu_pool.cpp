@@ -109,6 +109,7 @@ struct Pool {
 Pool* pool = nullptr;  // never destroyed: tensors may be freed during interpreter shutdown
 
 void pool_delete(void* p) {
+  c10::profiledCPUMemoryReporter().Delete(p);  // torch.profiler's memory view, as c10's own allocator reports
   if (pool != nullptr && pool->owns(reinterpret_cast<uintptr_t>(p))) {
     pool->give(reinterpret_cast<uintptr_t>(p));
   } else {
@@ -121,6 +122,7 @@ struct PoolAllocator final : c10::Allocator {
     void* p = nullptr;
     if (n >= pool->threshold) p = pool->take((n + kGrain - 1) / kGrain * kGrain);
     if (p == nullptr) p = c10::alloc_cpu(n);
+    c10::profiledCPUMemoryReporter().New(p, n);
     return {p, p, &pool_delete, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &pool_delete; }
