@@ -122,3 +122,22 @@ def test_cpu_training_uses_the_pool_and_reports_it(tmp_path, tiny_model_dir):
                  f"data_cache_dir={tmp_path / 'cache'}"]) == 0
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     assert 0 < results["train_cpu_pool_peak_mb"] <= results["train_cpu_pool_span_mb"] < results["train_peak_rss_mb"]
+
+
+NO_COMPILER = """
+import logging, torch
+import torch.utils.cpp_extension as cpp_extension
+def no_compiler(*args, **kwargs):
+    raise RuntimeError("Error building extension: c++: not found")
+cpp_extension.load = no_compiler
+logging.basicConfig(level=logging.WARNING)
+from tunesmith.train import cpu_pool
+print(cpu_pool.install(), cpu_pool.stats(), cpu_pool.release(), float(torch.ones(2**20).sum()))
+"""
+
+
+def test_without_a_compiler_training_falls_back_to_malloc_with_a_warning():
+    out = subprocess.run([sys.executable, "-c", NO_COMPILER], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "None", "0", "1048576.0"]
+    assert "CPU memory pool could not be built (RuntimeError: Error building extension: c++: not found)" in out.stderr
