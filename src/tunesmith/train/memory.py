@@ -1,5 +1,6 @@
 """Training memory. Activations that are cheap to recompute are not kept for the backward; on the CPU, glibc's
-heap is kept from holding freed memory per thread (one arena) and, on request, trimmed between passes.
+heap is kept from holding freed memory per thread (one arena) and, on request, free pages (the pool's, see
+cpu_pool.py, and glibc's) are handed back between passes.
 
 Gated MLPs (Llama, Qwen, Mistral, ...) compute `silu(gate) * up`: autograd keeps `gate` for SiLU's backward and
 also `silu(gate)` for the product's backward, one of the largest tensors of a layer. With these saved-tensor
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from tunesmith.train import cpu_pool
 
 _SILU = "recompute-silu"
 
@@ -50,13 +53,10 @@ def _glibc() -> Any:
 
 
 def release_free_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc malloc_trim); with `trim_cpu_heap`, called on the CPU
-    before each pass, when the previous pass's activations are all freed. glibc keeps freed pages resident and
-    its heap fragments: two 1024-token passes in a row grew a 30M-parameter fp32 LoRA job's heap by 150 MB with
-    the same live bytes. Measured: peak RSS 1129 -> 917 MB in the benchmark job, but 7% slower in-process on
-    the same steps (13% in a whole run) from re-faulting the pages, hence off by default."""
-    from tunesmith.train import cpu_pool
-
+    """Hand free pages back to the OS: the CPU memory pool's, then glibc's heap's (malloc_trim). With
+    `trim_cpu_heap`, called on the CPU before each pass, when the previous pass's activations are all freed.
+    Measured before the pool existed, when glibc's fragmented heap held the activations: peak RSS 1129 -> 917 MB
+    in the benchmark job, but 7% slower in-process (13% in a whole run) from re-faulting the pages, hence off."""
     cpu_pool.release()
     libc = _glibc()
     if libc is not None:
