@@ -36,7 +36,7 @@ def server():
 
     port = free_port()
     cfg = load_config([f"model_name_or_path={TINY_MODEL}", "template=chatml", f"api_key={KEY}", f"port={port}",
-                       "infer_dtype=float32", "max_new_tokens=24", "api_model_name=tiny"])
+                       "infer_dtype=float32", "max_new_tokens=24", "api_model_name=tiny", "max_request_bytes=200000"])
     engine = ChatEngine(cfg)
     srv = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -57,8 +57,8 @@ def client(server):
 
 
 def ask(client, text, **kwargs):
-    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}],
-                                          temperature=0, max_tokens=16, **kwargs)
+    kwargs = {"temperature": 0, "max_tokens": 16, **kwargs}
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": text}], **kwargs)
 
 
 def test_models_and_health(server, client):
@@ -153,6 +153,185 @@ def test_a_disconnected_stream_frees_the_model(server, client):
     started = time.time()
     assert ask(client, "hi").choices[0].message.content is not None
     assert time.time() - started < 30
+
+
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def post(server, body, **kwargs):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server[0]}/v1/chat/completions", content=content, headers=AUTH, timeout=60, **kwargs)
+
+
+def test_integer_temperature_answers_and_the_server_keeps_serving(server, client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 2, "top_p": 1, "seed": 3}
+    first = post(server, body)
+    assert first.status_code == 200, first.text
+    assert post(server, body).json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert ask(client, "hi").choices[0].message.content is not None
+
+
+def test_client_errors_are_400_with_the_field_named(server):
+    good = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ({**good, "temperature": -0.5}, "temperature"),
+        (json.dumps(good)[:-1].encode() + b', "temperature": NaN}', None),
+        ({**good, "top_p": 0}, "top_p"),
+        ({**good, "top_p": 1.5}, "top_p"),
+        ({**good, "n": 0}, "n"),
+        ({**good, "seed": 2**64}, "seed"),
+        ({**good, "seed": 10**40}, "seed"),
+        ({**good, "tools": "x"}, "tools"),
+        ({**good, "tools": [1, 2]}, "tools.0"),
+        ({**good, "stream": "yes"}, "stream"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', None),
+        (b"[" * 100_000 + b"]" * 100_000, None),
+        ({**good, "messages": [{"role": "user", "content": "hi", "tool_calls": "x"}, "x"]}, None),
+    ]
+    for body, param in cases:
+        response = post(server, body)
+        assert response.status_code == 400, (body[:80] if isinstance(body, bytes) else body, response.text)
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        if param:
+            assert error["param"] == param
+    assert post(server, good).status_code == 200
+
+
+def test_body_cap_and_cheap_length_check(server, monkeypatch):
+    engine = server[1]
+    too_big = post(server, {"messages": [{"role": "user", "content": "a" * 300_000}]})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "too_large"
+    tokenized = []
+    monkeypatch.setattr(engine, "prompt_ids", lambda conv: tokenized.append(1) or [1])
+    long = post(server, {"messages": [{"role": "user", "content": "word " * 39_000}]})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    assert tokenized == []  # refused from the character count, without tokenizing
+
+
+def test_length_finish_reason_and_generated_token_count(server, client):
+    plain = ask(client, "Write a long story about a dragon.", max_tokens=3)
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 3
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Write a long story about a dragon."}], temperature=0,
+        max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 3 and not chunks[-1].choices
+    stopped = ask(client, "hi", max_tokens=2000 - 60)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < 2000 - 60
+
+
+def test_a_generation_failure_is_an_error_and_frees_the_model(server, client, monkeypatch):
+    engine = server[1]
+    real = engine.model.generate
+    calls = []
+
+    def broken(**kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("boom")
+        return real(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    response = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert response.status_code == 500 and "boom" in response.json()["error"]["message"]
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", headers=AUTH, timeout=30,
+                      json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as streamed:
+        events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert "boom" in json.loads(events[-1][6:])["error"]["message"]
+    assert ask(client, "hi").choices[0].message.content is not None
+
+
+@pytest.fixture()
+def gated_server():
+    """A server whose model waits for `gate` before generating, with a 1.5 s queue timeout."""
+    import uvicorn
+
+    from tunesmith.infer.chat_engine import ChatEngine
+    from tunesmith.serve.app import create_app
+
+    port = free_port()
+    cfg = load_config([f"model_name_or_path={TINY_MODEL}", "template=chatml", f"port={port}", "infer_dtype=float32",
+                       "max_new_tokens=4", "queue_timeout=1.5"])
+    engine = ChatEngine(cfg)
+    gate, started = threading.Event(), []
+    real = engine.model.generate
+
+    def gated(**kwargs):
+        started.append(kwargs["input_ids"].shape[1])
+        gate.wait(30)
+        return real(**kwargs)
+
+    engine.model.generate = gated
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, cfg), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1/chat/completions", gate, started
+    gate.set()
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_abandoned_requests_leave_the_queue_and_a_long_wait_is_a_503(gated_server):
+    url, gate, started = gated_server
+    first = {"messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(2) as pool:
+        holder = pool.submit(httpx.post, url, json=first, timeout=30)
+        while not started:
+            time.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):  # this client gives up while queued
+            httpx.post(url, json={"messages": [{"role": "user", "content": "a different, longer question"}]},
+                       timeout=0.5)
+        busy = httpx.post(url, json=first, timeout=30)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_timeout"
+        gate.set()
+        assert holder.result().status_code == 200
+    time.sleep(0.5)
+    assert len(started) == 1  # neither the abandoned nor the timed-out request was generated
+    assert httpx.post(url, json=first, timeout=30).status_code == 200
+
+
+def test_sigterm_stops_the_server_mid_generation():
+    """`tunesmith serve`'s server, with a model that would generate for a minute: SIGTERM's handler ends it at once."""
+    import signal
+
+    import torch
+
+    from tunesmith.infer.chat_engine import ChatEngine
+    from tunesmith.serve.app import create_app
+    from tunesmith.serve.run import make_server
+
+    port = free_port()
+    cfg = load_config([f"model_name_or_path={TINY_MODEL}", "template=chatml", f"port={port}", "infer_dtype=float32"])
+    engine = ChatEngine(cfg)
+
+    def endless(**kwargs):  # one token every 10 ms for up to 60 s, until a stopping criterion says stop
+        ids, streamer = kwargs["input_ids"], kwargs["streamer"]
+        streamer.put(ids.cpu())
+        deadline = time.time() + 60
+        while time.time() < deadline and not kwargs["stopping_criteria"](ids, None).all():
+            streamer.put(torch.tensor([5]))
+            time.sleep(0.01)
+        streamer.end()
+
+    engine.model.generate = endless
+    server = make_server(create_app(engine, cfg), cfg, engine)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    body = {"messages": [{"role": "user", "content": "Write a long story."}], "stream": True, "max_tokens": 1000}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines)
+        next(lines)
+        stopped = time.time()
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(timeout=20)
+    assert not thread.is_alive() and time.time() - stopped < 10
 
 
 def test_chat_repl_in_a_pseudo_terminal():

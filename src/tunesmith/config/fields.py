@@ -238,6 +238,9 @@ class ServeArgs:
     port: int = opt(8000, "Port to listen on.")
     api_key: str | None = opt(None, "Bearer token clients must send (the API_KEY environment variable also works).")
     api_model_name: str | None = opt(None, "Model name reported by /v1/models.")
+    max_request_bytes: int = opt(4 * 2**20, "Largest request body accepted; larger ones get a 413.")
+    queue_timeout: float = opt(
+        300.0, "Seconds a request may wait for the model behind others before it gets a 503 (0 = wait forever).")
 
 
 GROUPS: dict[str, type] = {

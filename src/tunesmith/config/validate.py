@@ -118,6 +118,17 @@ def check_finetuning(cfg: Config) -> list[str]:
     return problems
 
 
+def check_serve(cfg: Config) -> list[str]:
+    s, problems = cfg.serve, []
+    if not 0 < s.port < 65536:
+        problems.append(f"`port` must be between 1 and 65535, got {s.port}")
+    if s.max_request_bytes < 1024:
+        problems.append(f"`max_request_bytes` must be at least 1024, got {s.max_request_bytes}")
+    if not s.queue_timeout >= 0:
+        problems.append(f"`queue_timeout` must be >= 0 seconds (0 = wait forever), got {s.queue_timeout}")
+    return problems
+
+
 def raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)

@@ -52,14 +52,70 @@ class Answer:
     finish_reason: str  # stop | length | tool_calls
 
 
-class _StopOnEvent:
-    """A StoppingCriteria that ends generation when an event is set."""
+class GenerationFailed(RuntimeError):
+    """generate() raised in its worker thread; the stream ended and the model is free again."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+
+class Stream:
+    """Text pieces of one answer as they are generated (its generation runs in a thread of its own). Once
+    exhausted, `completion_tokens` is the number of tokens the model generated and `finish_reason` is `length`
+    when max_new_tokens cut the answer, else `stop`. `cancel()` asks the generation to stop (from any thread);
+    `join()` waits for its thread; `close()` does both from the reading thread."""
+
+    def __init__(self, pieces: Iterator[str], stop_event: threading.Event | None = None,
+                 worker: threading.Thread | None = None):
+        self._pieces = pieces
+        self.stop_event = stop_event or threading.Event()
+        self.worker = worker
+        self.completion_tokens = 0
+        self.finish_reason = "stop"
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.stop_event.set()
+
+    def join(self) -> None:
+        if self.worker is not None:
+            self.worker.join()
+
+    def close(self) -> None:
+        self.cancel()
+        self._pieces.close()  # type: ignore[attr-defined]
+        self.join()
+
+
+class _StopOnEvent:
+    """A StoppingCriteria that ends generation when any of its events is set."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _counting_streamer(tokenizer: Any) -> Any:
+    """transformers' TextIteratorStreamer that also counts the generated token ids and keeps the last one."""
+    from transformers import TextIteratorStreamer
+
+    class CountingStreamer(TextIteratorStreamer):
+        n_generated = 0
+        last_id: int | None = None
+
+        def put(self, value: torch.Tensor) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                ids = value.reshape(-1).tolist()
+                self.n_generated += len(ids)
+                self.last_id = ids[-1] if ids else self.last_id
+            super().put(value)
+
+    return CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 class ChatEngine:
@@ -73,30 +129,49 @@ class ChatEngine:
         self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
         self.model = load_for_inference(cfg)
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.shutdown = threading.Event()  # set when the process is stopping: every generation ends at once
 
     def prompt_ids(self, conv: Conversation) -> list[int]:
         return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
 
     def stream(self, prompt: list[int], gen: GenerationArgs, extra_stops: list[str] | None = None,
-               stop_event: threading.Event | None = None, seed: int | None = None) -> Iterator[str]:
-        """Text pieces as they are generated; the end-of-turn text itself is never yielded."""
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+               stop_event: threading.Event | None = None, seed: int | None = None) -> Stream:
+        """The answer's text pieces as they are generated; the end-of-turn text itself is never yielded. An
+        exception in generate() ends the stream with GenerationFailed."""
+        from transformers import StoppingCriteriaList
 
         stop_event = stop_event or threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _counting_streamer(self.tokenizer)
         eos = stop_ids(self.tokenizer, self.template.stop)
         sample = gen.do_sample
         kwargs = dict(input_ids=torch.tensor([prompt], device=self.model.device), max_new_tokens=gen.max_new_tokens,
-                      do_sample=sample, temperature=gen.temperature if sample else None,
-                      top_p=gen.top_p if sample else None, top_k=gen.top_k if sample else None,
-                      repetition_penalty=gen.repetition_penalty, eos_token_id=eos, pad_token_id=eos[0],
-                      streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event)]))
-        if seed is not None:
-            torch.manual_seed(seed)
-        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+                      do_sample=sample, temperature=float(gen.temperature) if sample else None,
+                      top_p=float(gen.top_p) if sample else None, top_k=gen.top_k if sample else None,
+                      repetition_penalty=float(gen.repetition_penalty), eos_token_id=eos, pad_token_id=eos[0],
+                      streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event, self.shutdown)]))
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.model.generate(**kwargs)
+            except BaseException as err:  # noqa: BLE001 - reported to the caller through the stream
+                failure.append(err)
+                streamer.end()  # wakes the reader, which then raises GenerationFailed
+
+        worker = threading.Thread(target=generate, daemon=True)
+        stream = Stream(iter(()), stop_event, worker)
+        stream._pieces = self._pieces(streamer, failure, extra_stops, gen, set(eos), stream)
         worker.start()
+        return stream
+
+    def _pieces(self, streamer: Any, failure: list[BaseException], extra_stops: list[str] | None,
+                gen: GenerationArgs, eos: set[int], stream: Stream) -> Iterator[str]:
+        stop_event, worker = stream.stop_event, stream.worker
         stops = [s for s in (extra_stops or []) + self.template.stop if s]
-        text = ""
+        text, stopped_by_text = "", False
         try:
             for piece in streamer:
                 if not piece:
@@ -105,24 +180,32 @@ class ChatEngine:
                 cut = min((text.find(s) for s in stops if s in text), default=-1)
                 if cut >= 0:
                     stop_event.set()
+                    stopped_by_text = True
                     if cut > len(text) - len(piece):
                         yield piece[: cut - (len(text) - len(piece))]
                     break
                 yield piece
         finally:
             stop_event.set()
-            worker.join()
+            worker.join()  # type: ignore[union-attr]
+            stream.completion_tokens = streamer.n_generated
+            hit_limit = streamer.n_generated >= gen.max_new_tokens and streamer.last_id not in eos
+            stream.finish_reason = "length" if hit_limit and not stopped_by_text else "stop"
+        if failure:
+            raise GenerationFailed(f"generation failed: {type(failure[0]).__name__}: {failure[0]}")
 
     def answer(self, prompt: list[int], gen: GenerationArgs, extra_stops: list[str] | None = None,
                seed: int | None = None, tools: bool = False) -> Answer:
-        pieces = list(self.stream(prompt, gen, extra_stops, seed=seed))
-        text = "".join(pieces)
-        n_tokens = len(self.tokenizer.encode(text, add_special_tokens=False))
-        calls: list[ToolCall] = []
-        if tools:
-            text, calls = parse_tool_calls(text)
-        finish = "tool_calls" if calls else ("length" if n_tokens >= gen.max_new_tokens else "stop")
-        return Answer(text, calls, n_tokens, finish)
+        stream = self.stream(prompt, gen, extra_stops, seed=seed)
+        return finish_answer("".join(stream), stream, tools)
+
+
+def finish_answer(text: str, stream: Stream, tools: bool) -> Answer:
+    """The whole answer: tool calls parsed out of the text when the request offered tools."""
+    calls: list[ToolCall] = []
+    if tools:
+        text, calls = parse_tool_calls(text)
+    return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason)
 
 
 def generation_for(base: GenerationArgs, max_tokens: int | None, temperature: float | None,
@@ -130,12 +213,12 @@ def generation_for(base: GenerationArgs, max_tokens: int | None, temperature: fl
     """Per-request settings over the configured ones: temperature 0 means greedy."""
     gen = replace(base)
     if max_tokens is not None:
-        gen.max_new_tokens = max_tokens
-    if temperature is not None:
+        gen.max_new_tokens = int(max_tokens)
+    if temperature is not None:  # JSON clients send whole numbers as integers
         gen.do_sample = temperature > 0
-        gen.temperature = temperature if temperature > 0 else gen.temperature
+        gen.temperature = float(temperature) if temperature > 0 else gen.temperature
     if top_p is not None:
-        gen.top_p = top_p
+        gen.top_p = float(top_p)
     return gen
 
 

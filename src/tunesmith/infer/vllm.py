@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from tunesmith.config import Config
@@ -69,6 +70,7 @@ class VLLMChatEngine:
         self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
         self.engine = VLLMEngine(cfg, self.template.stop)
         self.max_length = cfg.data.cutoff_len + cfg.generation.max_new_tokens
+        self.shutdown = threading.Event()  # the interface's; vLLM's answers come whole
 
     def prompt_ids(self, conv: Any) -> list[int]:
         return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
@@ -82,14 +84,17 @@ class VLLMChatEngine:
 
     def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
                seed: int | None = None) -> Any:
-        yield self._generate(prompt, gen, extra_stops, seed).text
+        from tunesmith.infer.chat_engine import Stream
+
+        output = self._generate(prompt, gen, extra_stops, seed)
+        stream = Stream(iter([output.text] if output.text else []))
+        stream.completion_tokens = len(output.token_ids)
+        stream.finish_reason = "length" if output.finish_reason == "length" else "stop"
+        return stream
 
     def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
                tools: bool = False) -> Any:
-        from tunesmith.infer.chat_engine import Answer, parse_tool_calls
+        from tunesmith.infer.chat_engine import finish_answer
 
-        output = self._generate(prompt, gen, extra_stops, seed)
-        text, calls = parse_tool_calls(output.text) if tools else (output.text, [])
-        n = len(output.token_ids)
-        finish = "tool_calls" if calls else ("length" if n >= gen.max_new_tokens else "stop")
-        return Answer(text, calls, n, finish)
+        stream = self.stream(prompt, gen, extra_stops, seed=seed)
+        return finish_answer("".join(stream), stream, tools)
