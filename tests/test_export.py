@@ -35,7 +35,11 @@ def test_merged_logits_equal_base_plus_adapters(trained, tiny_model_dir, tmp_pat
     tmp, first, second = trained
     out = tmp_path / "merged"
     assert run_export(tiny_model_dir, f"{first},{second}", out, "--verify") == 0
-    assert "verify: largest logit difference" in capsys.readouterr().out
+    assert "verify OK: the exported model's logits differ" in capsys.readouterr().out
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct(0o666 & ~mask)}  # weights as readable as the rest
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     reference = PeftModel.from_pretrained(PeftModel.from_pretrained(base, first).merge_and_unload(), second).eval()
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -36,20 +36,20 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("tunesmith.train.recipe", ["model", "data", "finetuning", "training", "generation"],
+    "train": Command("tunesmith.train.recipe", ["model", "data", "finetuning", "training", "generation", "logging"],
                      "Fine-tune a model."),
-    "predict": Command("tunesmith.predict.run", ["model", "data", "finetuning", "training", "generation"],
+    "predict": Command("tunesmith.predict.run", ["model", "data", "finetuning", "training", "generation", "logging"],
                        "Generate over a dataset; write generated_predictions.jsonl and BLEU/ROUGE scores."),
-    "eval": Command("tunesmith.evaluate.run", ["model", "finetuning", "eval", "training"],
+    "eval": Command("tunesmith.evaluate.run", ["model", "finetuning", "eval", "training", "logging"],
                     "Multiple-choice benchmarks (MMLU, C-Eval, CMMLU layouts), n-shot, with prefix KV reuse."),
-    "chat": Command("tunesmith.chat", ["model", "finetuning", "generation"],
+    "chat": Command("tunesmith.chat", ["model", "finetuning", "generation", "logging"],
                     "Talk to a model in the terminal (streaming; `clear`, `exit`; Ctrl-C stops an answer)."),
-    "serve": Command("tunesmith.serve.run", ["model", "finetuning", "generation", "serve"],
+    "serve": Command("tunesmith.serve.run", ["model", "finetuning", "generation", "serve", "logging"],
                      "An OpenAI-compatible API: /v1/models, /v1/chat/completions (streaming, tools), /health."),
-    "export": Command("tunesmith.export", ["model", "finetuning", "export"],
+    "export": Command("tunesmith.export", ["model", "finetuning", "export", "logging"],
                       "Merge adapters into the base model and write a standard Hugging Face model folder.",
                       {"verify": False, "force": False}),
-    "data": Command("tunesmith.data.inspect", ["model", "data", "finetuning"],
+    "data": Command("tunesmith.data.inspect", ["model", "data", "finetuning", "logging"],
                     "Load, validate and tokenize datasets; print a summary and one rendered example.",
                     {"dump": True}),
 }
@@ -100,10 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tunesmith.config import ConfigError, load_config
     from tunesmith.data.errors import DataError
+    from tunesmith.errors import StopError
 
     try:
         rest, extras = split_extras(rest, command.extras)
         cfg = load_config(rest)
+        from tunesmith.config.preflight import preflight
+        from tunesmith.runtime import prepare_process
+
+        preflight(name, cfg)  # every check that needs no model, before torch is imported
+        prepare_process(cfg)
         module = importlib.import_module(command.module)
         return int(module.run(cfg, extras) or 0)
     except ConfigError as err:
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StopError as err:
+        print(f"error: {err}" if err.exit_code != 130 else str(err), file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

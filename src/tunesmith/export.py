@@ -124,20 +124,34 @@ def replace_folder(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def match_umask(folder: Path) -> None:
+    """Give every written file the mode a plain `open` would (some writers create theirs 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+# Largest logit difference, relative to the largest reference logit, that `--verify` accepts: merging adds
+# rounding of the exported dtype only.
+VERIFY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
 @torch.no_grad()
-def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> float:
-    """Largest logit difference between the exported model and base + adapters on a few prompts."""
+def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> tuple[float, float]:
+    """Largest logit difference between the exported model and base + adapters on a few prompts, absolute and
+    relative to the largest reference logit."""
     from transformers import AutoModelForCausalLM
 
     reference = load_merged(cfg, dtype, merge_last=False).eval()
     result = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype).eval()
     prompts = ["What is the capital of France?", "12 plus 30 equals", "法国的首都是哪里？"]
-    worst = 0.0
+    worst, scale = 0.0, 0.0
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         a, b = reference(input_ids=ids).logits.float(), result(input_ids=ids).logits.float()
-        worst = max(worst, float((a - b).abs().max()))
-    return worst
+        worst, scale = max(worst, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+    return worst, worst / max(scale, 1e-12)
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
@@ -152,11 +166,16 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write_folder(model, tokenizer, template, cfg, final_dtype, tmp)
+    match_umask(tmp)
     del model
     replace_folder(tmp, out)
     files = sorted(p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin"))
     print(f"exported {len(files)} weight file(s) in {str(final_dtype).replace('torch.', '')} to {out}")
     if extras.get("verify"):
-        diff = verify(cfg, out, tokenizer, final_dtype)
-        print(f"verify: largest logit difference vs base + adapters = {diff:.3e}")
+        diff, relative = verify(cfg, out, tokenizer, final_dtype)
+        tolerance = VERIFY_TOLERANCE.get(final_dtype, 3e-2)
+        verdict = "OK" if relative <= tolerance else "FAILED"
+        print(f"verify {verdict}: the exported model's logits differ from base + adapters by at most {diff:.3e} "
+              f"({relative:.2e} of the largest logit; tolerance {tolerance:g} for {str(final_dtype)[6:]})")
+        return 0 if verdict == "OK" else 1
     return 0

@@ -41,6 +41,9 @@ class ModelArgs:
         "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
     )
     infer_backend: Literal["hf", "vllm"] = opt("hf", "Generation engine for predict/chat/serve.")
+    allow_slow_bf16: bool = opt(
+        False, "On a CPU without native bf16 (no AVX-512 BF16 or AMX), tunesmith computes in fp32 where bf16 (or "
+        "fp16) was asked for, with a warning, because emulated half precision is far slower; true keeps bf16.")
 
 
 @dataclass
@@ -243,6 +246,15 @@ class ServeArgs:
         300.0, "Seconds a request may wait for the model behind others before it gets a 503 (0 = wait forever).")
 
 
+@dataclass
+class LoggingArgs:
+    """What every command prints."""
+
+    log_level: Literal["warning", "info", "debug"] = opt(
+        "info", "Messages shown: `info` (default: resume points, data counts, trainable parameters, speed-ups in "
+        "use), `warning` (quieter: problems only) or `debug` (also the libraries' own messages).")
+
+
 GROUPS: dict[str, type] = {
     "model": ModelArgs,
     "data": DataArgs,
@@ -252,6 +264,7 @@ GROUPS: dict[str, type] = {
     "eval": EvalArgs,
     "export": ExportArgs,
     "serve": ServeArgs,
+    "logging": LoggingArgs,
 }
 
 
@@ -267,6 +280,7 @@ class Config:
     eval: EvalArgs = field(default_factory=EvalArgs)
     export: ExportArgs = field(default_factory=ExportArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
 
     def adapter_paths(self) -> list[str]:
         """`adapter_name_or_path` as a list, in the order the adapters apply."""

@@ -6,6 +6,7 @@ Every problem is collected and reported at once as a ConfigError; nothing here l
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import functools
 import types
@@ -105,14 +106,17 @@ def coerce(value: Any, tp: Any, from_text: bool) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise ValueError(f"expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        raise ValueError(f"expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, (dict, list)):
             # LLaMA-Factory accepts lists for comma keys such as lora_target or dataset.
@@ -187,6 +191,10 @@ def read_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
         return {}, [f"{path}: config file not found"]
     try:
         content = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        return {}, [f"{path}, line {line}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                    "save the file as UTF-8"]
     except yaml.YAMLError as err:
         return {}, [f"{path}: not valid YAML: {err}"]
     if content is None:
@@ -252,7 +260,13 @@ def load_config(argv: list[str]) -> Config:
         raise ConfigError(problems + err.problems) from None
     if problems:
         raise ConfigError(problems)
+    given = {ALIASES.get(key, key) for key, *_ in raw}
+    if given & PHASES and "do_train" not in given:
+        cfg.training.do_train = False  # classic semantics: naming do_eval or do_predict alone does just that
     return cfg
+
+
+PHASES = {"do_train", "do_eval", "do_predict"}
 
 
 def config_to_yaml(cfg: Config) -> str:

@@ -62,6 +62,12 @@ def check_training(cfg: Config) -> list[str]:
             problems.append(f"`{key}` must be at least 1, got {getattr(t, key)}")
     if t.learning_rate < 0:
         problems.append(f"`learning_rate` must be >= 0, got {t.learning_rate}")
+    if t.warmup_steps < 0:
+        problems.append(f"`warmup_steps` must be >= 0, got {t.warmup_steps}")
+    if not 0 <= t.seed < 2**32:
+        problems.append(f"`seed` must be between 0 and 2^32 - 1, got {t.seed}")
+    if t.max_grad_norm < 0:
+        problems.append(f"`max_grad_norm` must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         problems.append("set `num_train_epochs` > 0 or `max_steps` > 0")
     if not 0 <= t.warmup_ratio < 1:
@@ -108,6 +114,12 @@ def check_finetuning(cfg: Config) -> list[str]:
     f, problems = cfg.finetuning, []
     if f.lora_rank < 1:
         problems.append(f"`lora_rank` must be at least 1, got {f.lora_rank}")
+    if f.lora_alpha is not None and f.lora_alpha <= 0:
+        problems.append(f"`lora_alpha` must be positive, got {f.lora_alpha}")
+    hidden = model_config(cfg).get("hidden_size")
+    if f.finetuning_type == "lora" and isinstance(hidden, int) and f.lora_rank > hidden:
+        problems.append(f"`lora_rank` ({f.lora_rank}) exceeds the model's hidden size ({hidden}); a rank that "
+                        "large trains nothing a full fine-tune would not: use a rank such as 8-64")
     if not 0 <= f.lora_dropout < 1:
         problems.append(f"`lora_dropout` must be in [0, 1), got {f.lora_dropout}")
     if cfg.model.adapter_name_or_path and f.finetuning_type != "lora":
@@ -115,7 +127,23 @@ def check_finetuning(cfg: Config) -> list[str]:
     for path in cfg.adapter_paths():
         if not Path(path).exists():
             problems.append(f"adapter folder `{path}` does not exist")
+        elif not (Path(path) / "adapter_config.json").is_file():
+            problems.append(f"`adapter_name_or_path`: `{path}` holds no LoRA adapter (no adapter_config.json); point "
+                            "it at a folder written by `tunesmith train` with `finetuning_type: lora`, or at one "
+                            "of its checkpoint-N folders")
     return problems
+
+
+def model_config(cfg: Config) -> dict:
+    """The model folder's config.json, read without loading anything ({} for a hub id or an unreadable file)."""
+    import json
+
+    path = Path(str(cfg.model.model_name_or_path or "")).expanduser() / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def check_serve(cfg: Config) -> list[str]:

@@ -92,7 +92,11 @@ def parse_tool_calls(ctx: RowContext, value: Any, field: str) -> list[ToolCall]:
 def from_alpaca(ctx: RowContext) -> Conversation:
     spec, row = ctx.spec, ctx.raw.data
     prompt_col, query_col = spec.column("prompt", "instruction"), spec.column("query", "input")
-    prompt = _text(ctx, ctx.require(prompt_col, "prompt"), prompt_col)
+    prompt_value = ctx.require(prompt_col, "prompt")
+    if prompt_value is None:
+        raise ctx.error("is null; it must hold the instruction text", field=prompt_col,
+                        fix="fill in the instruction, or remove the row", reason="null field")
+    prompt = _text(ctx, prompt_value, prompt_col)
     query = _text(ctx, row.get(query_col), query_col)
     user = "\n".join(p for p in (prompt, query) if p)
     messages = []

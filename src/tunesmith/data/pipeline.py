@@ -19,7 +19,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.data.encode import Dropped, Encoded, encode_chat, encode_text
 from tunesmith.data.errors import DataError
 from tunesmith.data.formats import to_conversation
-from tunesmith.data.readers import read_rows
+from tunesmith.data.readers import data_files, read_rows
 from tunesmith.data.registry import DatasetSpec, resolve
 from tunesmith.data.templates import ChatTemplate
 
@@ -202,9 +202,8 @@ def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None) -> 
             return []
         stats = []
         for spec in resolve(names, cfg.data.dataset_dir):
-            path = spec.base_dir / spec.file_name if spec.file_name else None
-            if path is not None and path.exists():
-                for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if spec.file_name:
+                for p in data_files(spec):
                     st = p.stat()
                     stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
             stats.append(vars(spec) | {"base_dir": str(spec.base_dir)})

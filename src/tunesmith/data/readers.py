@@ -4,6 +4,7 @@ each with its file and 1-based row number so every later error can point at it."
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,32 @@ class RawRow:
     data: dict[str, Any]
 
 
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line: int | None = None) -> DataError:
+    line = line if line is not None else data[: err.start].count(b"\n") + 1
+    return DataError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at line {line}", file=str(path), row=line,
+                     fix="save the file as UTF-8 (or fix that line)", reason="not UTF-8")
+
+
+def _decoded(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, data, err) from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """(1-based line number, text) per line; a line that is not UTF-8 comes as a DataError for that row."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, _not_utf8(path, raw, err, number)
+
+
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _decoded(path)
     try:
         content = json.loads(text)
     except json.JSONDecodeError as err:
@@ -42,21 +67,33 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, DataError(f"malformed JSON line: {err.msg} at column {err.colno}", file=str(path),
-                                        row=number, fix="fix or remove this line", reason="malformed JSON")
+    for number, line in _lines(path):
+        if isinstance(line, DataError):
+            yield number, line
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            yield number, DataError(f"malformed JSON line: {err.msg} at column {err.colno}", file=str(path),
+                                    row=number, fix="fix or remove this line", reason="malformed JSON")
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, record in enumerate(csv.DictReader(handle), start=1):
-            yield number, dict(record)
+    reader = csv.reader(io.StringIO(_decoded(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        return
+    for number, fields in enumerate(reader, start=1):
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            yield number, DataError(f"has {len(fields)} fields where the header has {len(header)} "
+                                    f"({', '.join(header)})", file=str(path), row=number,
+                                    fix="quote fields that contain commas, or fix the row", reason="ragged CSV row")
+            continue
+        yield number, dict(zip(header, fields))
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -66,19 +103,25 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _read_txt(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, {"text": line.rstrip("\n")}
+    for number, line in _lines(path):
+        if isinstance(line, DataError):
+            yield number, line
+        elif line.strip():
+            yield number, {"text": line.rstrip("\r\n")}
 
 
 READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet,
            ".txt": _read_txt}
 
 
-def _files(spec: DatasetSpec) -> list[Path]:
+def data_files(spec: DatasetSpec) -> list[Path]:
+    """The files a local dataset reads, in order; a broken symbolic link among them is an error."""
     path = spec.base_dir / spec.file_name  # type: ignore[operator]
     if path.is_dir():
+        broken = sorted(p for p in path.rglob("*") if p.is_symlink() and not p.exists())
+        if broken:
+            raise DataError(f"is a symbolic link to `{broken[0].readlink()}`, which does not exist",
+                            file=str(broken[0]), fix="remove the link or restore its target", reason="missing file")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
         if not files:
             raise DataError(f"folder has no {', '.join(sorted(SUFFIXES))} files", file=str(path), reason="missing file")
@@ -111,7 +154,7 @@ def read_rows(spec: DatasetSpec) -> Iterator[RawRow | DataError]:
     if not spec.file_name:
         yield from _read_hub(spec)
         return
-    for path in _files(spec):
+    for path in data_files(spec):
         for number, record in READERS[path.suffix](path):
             if isinstance(record, DataError):
                 yield record

@@ -58,8 +58,13 @@ def load_registry(dataset_dir: str) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"no dataset_info.json in `{dataset_dir}`", file=str(path),
                         fix="create it (see data/dataset_info.json in tunesmith for the schema)")
+    data = path.read_bytes()
     try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
+        registry = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"not UTF-8 text: byte 0x{data[err.start]:02x} at line {line}", file=str(path), row=line,
+                        fix="save dataset_info.json as UTF-8") from None
     except json.JSONDecodeError as err:
         raise DataError(f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}", file=str(path)) from None
     if not isinstance(registry, dict):

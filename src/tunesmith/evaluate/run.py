@@ -30,15 +30,22 @@ def evaluate_subjects(model: Any, tokenizer: Any, template: Any, subjects: list[
     """One record per question: subject, id, gold, predicted, the four probabilities."""
     e = cfg.eval
     letters = choice_token_ids(tokenizer, template, e.lang)
+    from tqdm.auto import tqdm
+
     scorer = score_with_prefix if e.prefix_reuse else score_full
     records = []
+    bar = tqdm(total=sum(len(s.questions) for s in subjects), desc="eval", unit="question", dynamic_ncols=True,
+               disable=cfg.training.disable_tqdm)
     for subject in subjects:
+        bar.set_postfix_str(subject.name)
         prompts = build_prompts(subject, template, e.lang, e.n_shot, cfg.training.seed)
         scored = scorer(model, tokenizer, prompts, letters, e.batch_size)
         for q, probs in zip(subject.questions, scored.probs):
             records.append({"subject": subject.name, "category": subject.category, "id": q.id, "gold": q.answer,
                             "predicted": CHOICES[max(range(4), key=probs.__getitem__)],
                             "probs": dict(zip(CHOICES, (round(p, 6) for p in probs)))})
+        bar.update(len(subject.questions))
+    bar.close()
     return records
 
 

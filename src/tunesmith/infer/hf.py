@@ -48,9 +48,12 @@ class HFEngine:
         return text
 
     @torch.no_grad()
-    def generate_ids(self, prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    def generate_ids(self, prompt_ids: list[list[int]], batch_size: int, progress: bool = False) -> list[list[int]]:
         """New token ids per prompt (stop token excluded), in the given order."""
+        from tqdm.auto import tqdm
+
         device = next(self.model.parameters()).device
+        bar = tqdm(total=len(prompt_ids), desc="predict", unit="sample", disable=not progress, dynamic_ncols=True)
         order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         results: list[list[int]] = [[] for _ in prompt_ids]
         pad = self.config.pad_token_id
@@ -69,12 +72,14 @@ class HFEngine:
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))
                 results[i] = new[:cut]
+            bar.update(len(chunk))
+        bar.close()
         return results
 
-    def generate(self, prompts: list[str], batch_size: int) -> list[Generation]:
+    def generate(self, prompts: list[str], batch_size: int, progress: bool = False) -> list[Generation]:
         prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         outputs = []
-        for ids in self.generate_ids(prompt_ids, batch_size):
+        for ids in self.generate_ids(prompt_ids, batch_size, progress):
             text = self.cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True))
             outputs.append(Generation(text.strip(), len(ids)))
         return outputs

@@ -49,11 +49,11 @@ class VLLMEngine:
             self.lora = LoRARequest("adapter", 1, adapters[0])
         self.params = vllm.SamplingParams(**sampling_kwargs(cfg.generation, stops))
 
-    def generate(self, prompts: list[str], batch_size: int) -> list[Generation]:
+    def generate(self, prompts: list[str], batch_size: int, progress: bool = False) -> list[Generation]:
         # token ids, not text: the rendered prompt already holds any BOS the template wants
         tokenizer = self.llm.get_tokenizer()
         requests = [{"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts]
-        outputs = self.llm.generate(requests, self.params, lora_request=self.lora)
+        outputs = self.llm.generate(requests, self.params, lora_request=self.lora, use_tqdm=progress)
         return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
 

@@ -72,13 +72,35 @@ def apply_adapters(model: Any, paths: list[str], merge_last: bool = True) -> Any
     return model
 
 
+def inference_dtype(cfg: Config) -> Any:
+    """`infer_dtype`, except that a CPU without native bf16 computes in fp32 what would be half precision
+    (the model's own dtype under `auto` quietly, an explicit choice with a warning), unless `allow_slow_bf16`."""
+    import torch
+
+    from tunesmith.runtime import allow_slow_bf16_ok, use_bf16_on_cpu
+    from tunesmith.config.validate import model_config
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    wanted = cfg.model.infer_dtype
+    if torch.cuda.is_available() or cfg.model.allow_slow_bf16:
+        return "auto" if wanted == "auto" else dtypes[wanted]
+    if wanted == "auto":
+        stored = model_config(cfg).get("dtype") or model_config(cfg).get("torch_dtype")
+        if stored in ("bfloat16", "float16") and not allow_slow_bf16_ok(False):
+            log.info("the model is stored in %s; computing in float32 on this CPU (no native bf16)", stored)
+            return torch.float32
+        return "auto"
+    half = wanted in ("bfloat16", "float16")
+    if half and not use_bf16_on_cpu(True, False, f"infer_dtype: {wanted}"):
+        return torch.float32
+    return dtypes[wanted]
+
+
 def load_for_inference(cfg: Config) -> Any:
     """Base model with the configured adapters merged in (in order), in `infer_dtype`, in eval mode."""
     import torch
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    dtype = "auto" if cfg.model.infer_dtype == "auto" else dtypes[cfg.model.infer_dtype]
-    model = apply_adapters(load_model(cfg, dtype, for_training=False), cfg.adapter_paths())
+    model = apply_adapters(load_model(cfg, inference_dtype(cfg), for_training=False), cfg.adapter_paths())
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()

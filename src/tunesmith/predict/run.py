@@ -124,7 +124,9 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     labels = [label_of(c) for c in samples]
     engine = make_engine(cfg, tokenizer, template)
     started = time.time()
-    generations = engine.generate(prompts, cfg.training.per_device_eval_batch_size)
+    log.info("generating answers for %d samples", len(prompts))
+    generations = engine.generate(prompts, cfg.training.per_device_eval_batch_size,
+                                  progress=not cfg.training.disable_tqdm)
     seconds = time.time() - started
     out = Path(cfg.training.output_dir)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,11 @@ It is written as checkpoint-N.tmp-* and renamed when complete, so a killed save 
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -20,8 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from tunesmith.errors import StopError
+
+log = logging.getLogger("tunesmith.train")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+PARTIAL_SUFFIXES = (".tmp-save", ".tmp-delete")
 
 
 @dataclass
@@ -41,27 +48,83 @@ class TrainerState:
         return cls(**json.loads(path.read_text()))
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (a state file present), oldest first."""
+def missing_files(checkpoint: Path) -> list[str]:
+    """What a complete checkpoint has and this one lacks (empty when it can be resumed from)."""
+    missing = [] if (checkpoint / STATE_FILE).is_file() else [STATE_FILE]
+    if not ((checkpoint / "adapter_model.safetensors").is_file() or any(checkpoint.glob("model*.safetensors"))
+            or (checkpoint / "fsdp").is_dir()):
+        missing.append("weights (adapter_model.safetensors or model*.safetensors)")
+    if not ((checkpoint / "optimizer.pt").is_file() or (checkpoint / "deepspeed").is_dir()
+            or (checkpoint / "fsdp").is_dir()):
+        missing.append("optimizer.pt")
+    if not (checkpoint / "scheduler.pt").is_file():
+        missing.append("scheduler.pt")
+    return missing
+
+
+def _numbered(output_dir: Path) -> list[Path]:
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    return [p for p in _numbered(output_dir) if not missing_files(p)]
+
+
+def incomplete_checkpoints(output_dir: Path) -> list[tuple[Path, list[str]]]:
+    """checkpoint-N folders that cannot be resumed from, with what each lacks."""
+    return [(p, missing) for p in _numbered(output_dir) if (missing := missing_files(p))]
+
+
+def remove_partial_folders(output_dir: Path) -> list[Path]:
+    """Leftovers of a save or a deletion that was killed half way."""
+    if not output_dir.is_dir():
+        return []
+    partial = [p for p in output_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+               and p.name.endswith(PARTIAL_SUFFIXES)]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Rename first (atomic: the folder stops being a checkpoint at once), then delete."""
+    doomed = path.with_name(path.name + ".tmp-delete")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # numpy's array as a list: plain data
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load of tensors and plain data only; anything else (pickled code) is refused with a clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise StopError(f"refusing to load {path}: it holds Python objects other than tensors and plain data, and "
+                        "loading it could run code. tunesmith never writes such files; delete this checkpoint (or "
+                        f"use another output_dir) unless you trust its origin.\n  detail: {str(err).splitlines()[0]}",
+                        exit_code=2) from None
 
 
 def save_weights(model: Any, out: Path) -> None:
@@ -96,7 +159,35 @@ def load_trainable_weights(model: Any, checkpoint: Path) -> None:
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, stepper: Any, scheduler: Any,
                     state: TrainerState, rank: int, is_main: bool, barrier: Any) -> Path:
-    """Called on every rank: the optimizer may be sharded (DeepSpeed), and each rank has its own RNG."""
+    """Called on every rank: the optimizer may be sharded (DeepSpeed), and each rank has its own RNG. A failed
+    save (a full disk) removes its partial folder and stops with what was kept."""
+    tmp = output_dir / f"checkpoint-{step}.tmp-save"
+    try:
+        return _save_checkpoint(output_dir, step, model, tokenizer, stepper, scheduler, state, rank, is_main, barrier)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        latest = f"the latest complete checkpoint is {kept[-1]}" if kept else "no complete checkpoint was kept"
+        if no_space(err, output_dir):
+            raise StopError(f"no space left on {output_dir} while saving checkpoint-{step}: the partial folder was "
+                            f"removed and {latest}. Free some space, then run the same command again to resume."
+                            ) from None
+        raise StopError(f"saving checkpoint-{step} failed ({type(err).__name__}: {err}); the partial folder was "
+                        f"removed and {latest}") from err
+
+
+def no_space(err: BaseException, folder: Path) -> bool:
+    """A full disk shows as ENOSPC, or, from torch.save's zip writer, as a RuntimeError about write positions."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
+def _save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, stepper: Any, scheduler: Any,
+                     state: TrainerState, rank: int, is_main: bool, barrier: Any) -> Path:
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp-save"
     if is_main:
@@ -113,7 +204,7 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, ste
     if is_main:
         state.save(tmp / STATE_FILE)  # written last: its presence marks a complete checkpoint
         if final.exists():
-            shutil.rmtree(final)
+            delete_checkpoint(final)
         os.replace(tmp, final)
     barrier()
     return final
@@ -122,10 +213,10 @@ def save_checkpoint(output_dir: Path, step: int, model: Any, tokenizer: Any, ste
 def load_checkpoint(checkpoint: Path, model: Any, stepper: Any, scheduler: Any, rank: int) -> TrainerState:
     stepper.load_weights(model, checkpoint)
     stepper.load_optimizer(checkpoint)
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=False))
+    scheduler.load_state_dict(safe_load(checkpoint / "scheduler.pt"))
     rng_file = checkpoint / f"rng_state_{rank}.pth"
     if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
+        restore_rng(safe_load(rng_file))
     return TrainerState.load(checkpoint / STATE_FILE)
 
 
@@ -138,5 +229,5 @@ def rotate(output_dir: Path, limit: int | None, keep: str | None) -> list[Path]:
     excess = len(checkpoints) - limit
     removed = removable[: max(excess, 0)]
     for path in removed:
-        shutil.rmtree(path)
+        delete_checkpoint(path)
     return removed

@@ -164,7 +164,9 @@ class Stepper:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_optimizer(self, folder: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+        from tunesmith.train.checkpoint import safe_load
+
+        self.optimizer.load_state_dict(safe_load(folder / "optimizer.pt"))
 
 
 class DeepSpeedStepper(Stepper):

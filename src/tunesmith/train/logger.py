@@ -62,7 +62,7 @@ class TrainLogger:
             handle.write(json.dumps(line) + "\n")
         if self.bar is not None and "loss" in entry:
             self.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry.get('lr', 0):.2e}",
-                                 tok_s=f"{entry.get('supervised_tokens_per_s', 0):.0f}")
+                                 tok_s=f"{entry.get('supervised_tokens_per_s', entry.get('tokens_per_s', 0)):.0f}")
         if self.bar is not None and "eval_loss" in entry:
             self.bar.write(f"step {step}: eval_loss {entry['eval_loss']:.4f}")
         numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float))}

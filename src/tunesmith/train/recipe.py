@@ -8,6 +8,7 @@ accumulation 1 and batch 2 x accumulation 2 give the same gradients.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -20,8 +21,10 @@ from tunesmith.config import Config, config_to_yaml
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
 from tunesmith.data.batching import pack_by_tokens
+from tunesmith.errors import StopError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import cpu_pool
+from tunesmith.train.cpu_threads import make_governor
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations, release_free_heap, share_one_malloc_arena
 from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
@@ -31,23 +34,52 @@ log = logging.getLogger("tunesmith.train")
 
 
 def find_resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a user's folder."""
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a user's folder.
+    Incomplete checkpoint folders (a killed save or deletion) are skipped and named."""
     t = cfg.training
     out = Path(t.output_dir)  # type: ignore[arg-type]
     if t.resume_from_checkpoint:
         path = Path(t.resume_from_checkpoint)
-        if not (path / ckpt.STATE_FILE).is_file():
-            raise ConfigError([f"`resume_from_checkpoint`: {path} is not a complete tunesmith checkpoint"])
+        missing = ckpt.missing_files(path) if path.is_dir() else ["the folder itself"]
+        if missing:
+            raise ConfigError([f"`resume_from_checkpoint`: {path} is not a complete tunesmith checkpoint (it lacks "
+                               f"{', '.join(missing)})"])
         return path
-    if not out.is_dir() or not any(out.iterdir()):
+    if t.overwrite_output_dir or not out.is_dir():
         return None
-    if t.overwrite_output_dir:
-        return None
+    for path, missing in ckpt.incomplete_checkpoints(out):
+        log.warning("skipping %s: incomplete (lacks %s)", path, ", ".join(missing))
     checkpoints = ckpt.list_checkpoints(out)
     if checkpoints:
         return checkpoints[-1]
-    raise ConfigError([f"output_dir `{out}` is not empty and holds no checkpoint to resume from; set "
-                       "`overwrite_output_dir: true` to write into it anyway, or choose another folder"])
+    leftovers = [p for p in out.iterdir() if not (p.name.startswith("checkpoint-") and
+                                                  (p.name.endswith(ckpt.PARTIAL_SUFFIXES) or p.is_dir()))]
+    if not leftovers:
+        return None
+    raise ConfigError([f"output_dir `{out}` is not empty and holds no complete checkpoint to resume from; set "
+                       "`overwrite_output_dir: true` to start over in it (its checkpoints are then deleted), or "
+                       "choose another folder"])
+
+
+def start_fresh(out: Path) -> None:
+    """`overwrite_output_dir: true`: an earlier run's checkpoints and log go, so runs never mix."""
+    old = [p for p in out.iterdir() if p.is_dir() and ckpt.CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
+    for path in old:
+        ckpt.delete_checkpoint(path)
+    if (out / "trainer_log.jsonl").exists():
+        (out / "trainer_log.jsonl").unlink()
+    if old:
+        log.info("overwrite_output_dir: removed %d checkpoint(s) of an earlier run in %s", len(old), out)
+
+
+def saved_config(cfg: Config) -> str:
+    """output_dir/tunesmith_config.yaml: rerunning it resumes this run from its latest checkpoint."""
+    import copy
+
+    again = copy.deepcopy(cfg)
+    again.training.overwrite_output_dir = False
+    again.training.resume_from_checkpoint = None
+    return config_to_yaml(again)
 
 
 class Trainer:
@@ -60,9 +92,11 @@ class Trainer:
         self.eval_every = t.eval_steps or t.logging_steps
         self.state = ckpt.TrainerState()
         self.window = self.new_window()
+        self.last_saved: Path | None = None
         self.run_loss = {"loss": 0.0, "units": 0}
         self.logger: TrainLogger | None = None
         self.pass_pool = make_pass_pool(cfg, s)
+        self.threads = make_governor(s.accelerator.device.type, s.accelerator.num_processes, t.parallel_passes)
 
     @staticmethod
     def new_window() -> dict[str, Any]:
@@ -166,12 +200,15 @@ class Trainer:
         st, plan, started = self.state, self.s.plan, time.time()
         self.logger = TrainLogger(self.cfg, self.total_steps, self.s.accelerator.is_main_process)
         self.logger.resume_at(st.global_step)
+        self.window = self.new_window()  # throughput counts only the steps this process runs
         steps_run = 0
         while st.global_step < self.total_steps:
             batches = plan.micro_batches(st.epoch)
             windows = [batches[i : i + self.accum] for i in range(0, len(batches), self.accum)]
             for window in windows[st.batches_done_in_epoch // self.accum :]:
                 metrics = self.optimizer_step(window)
+                if self.threads is not None:
+                    self.threads.after_step()
                 st.global_step += 1
                 steps_run += 1
                 st.batches_done_in_epoch += len(window)
@@ -202,6 +239,12 @@ class Trainer:
         w["all_tokens"] += metrics["all_tokens"]
         self.run_loss["loss"] += metrics["sums"]["loss"]
         self.run_loss["units"] += metrics["units"]
+        step_loss = metrics["sums"]["loss"] / max(metrics["units"], 1)
+        if not math.isfinite(step_loss):
+            kept = ckpt.list_checkpoints(self.out)
+            raise StopError(f"the loss became {step_loss} at step {st.global_step}: training stopped. "
+                            + (f"The last good checkpoint is {kept[-1]}. " if kept else "No checkpoint was saved. ")
+                            + "Lower `learning_rate` (or raise `warmup_steps`), check the data, then rerun.")
         lr = self.s.scheduler.get_last_lr()[0]
         self.logger.advance(st.global_step, metrics["sums"]["loss"] / max(metrics["units"], 1), lr)  # type: ignore
         last = st.global_step >= self.total_steps
@@ -300,12 +343,20 @@ def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
 
 
 def trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from: the resumed run writes them again."""
+    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again), and a
+    last line cut short by a crash."""
     if path.is_file():
         import json
 
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["current_steps"] <= step]
-        path.write_text("".join(l + "\n" for l in lines))
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("current_steps", step + 1) <= step:
+                kept.append(line)
+        path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
 
 
 def advise_multi_gpu() -> None:
@@ -320,48 +371,88 @@ def advise_multi_gpu() -> None:
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
-    if not cfg.training.do_train:
-        if cfg.training.do_predict:  # the classic `train --do_predict --predict_with_generate` spelling
+    t = cfg.training
+    if not t.do_train:
+        if t.do_predict:  # the classic `train --do_predict --predict_with_generate` spelling
             from tunesmith.predict.run import run as predict
 
             return predict(cfg, extras)
+        if t.do_eval:  # classic `--do_eval` alone: the eval loss of the model (and adapter) as it is
+            return evaluate_only(cfg)
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
     validate_for_train(cfg)
-    if cfg.training.parallel_passes > 1:
+    if t.parallel_passes > 1:
         share_one_malloc_arena()
-    if cfg.training.cpu_memory_pool and not torch.cuda.is_available():
+    if t.cpu_memory_pool and not torch.cuda.is_available():
         cpu_pool.install()
     resume = find_resume_point(cfg)
     advise_multi_gpu()
+    rerun_config = saved_config(cfg)  # as the user wrote it, before setup adapts it to this machine
     s = build_setup(cfg)
     trainer = Trainer(cfg, s)
     out = trainer.out
     if s.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "tunesmith_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-        if resume is None and (out / "trainer_log.jsonl").exists():
-            (out / "trainer_log.jsonl").unlink()
+        ckpt.remove_partial_folders(out)
+        if resume is None:
+            start_fresh(out)
+        (out / "tunesmith_config.yaml").write_text(rerun_config, encoding="utf-8")
+    s.accelerator.wait_for_everyone()
     if resume is not None:
         trainer.state = ckpt.load_checkpoint(resume, s.accelerator.unwrap_model(s.model), s.stepper, s.scheduler,
                                              s.accelerator.process_index)
-        log.info("resuming from %s at step %d", resume, trainer.state.global_step)
+        log.info("resuming from %s (step %d of %d)", resume.name, trainer.state.global_step, trainer.total_steps)
         if s.accelerator.is_main_process:
             trim_log(out / "trainer_log.jsonl", trainer.state.global_step)
-    results = trainer.train()
+    try:
+        results = trainer.train()
+    except KeyboardInterrupt:
+        raise StopError(interrupted_message(cfg, out), exit_code=130) from None
     save_final(cfg, s, trainer)
     eval_metrics = None
-    if s.eval_plan is not None and (cfg.training.do_eval or cfg.training.eval_strategy != "no"):
+    if s.eval_plan is not None and (t.do_eval or t.eval_strategy != "no"):
         eval_metrics = {**trainer.evaluate(), "epoch": results["epoch"]}
     if s.accelerator.is_main_process:
-        write_results(out, "train", results)
-        if eval_metrics:
-            write_results(out, "eval", eval_metrics)
-        if cfg.finetuning.plot_loss:
-            plot_losses(out)
-        summary = f"done: {trainer.state.global_step} steps in {results['train_runtime']:.1f}s, " \
-                  f"train_loss {results['train_loss']:.4f}" + \
-                  (f", eval_loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "") + \
-                  f", {results[f'train_{s.objective.unit}_per_second']:.0f} {s.objective.unit.replace('_', ' ')}/s -> {out}"
-        print(summary)
+        report(cfg, s, trainer, results, eval_metrics)
     s.accelerator.end_training()
+    return 0
+
+
+def interrupted_message(cfg: Config, out: Path) -> str:
+    kept = ckpt.list_checkpoints(out)
+    if not kept:
+        return "interrupted before the first checkpoint: nothing was saved (rerun to start again)"
+    return (f"interrupted; the latest checkpoint is {kept[-1]}. Resume with:\n"
+            f"  tunesmith train {out / 'tunesmith_config.yaml'}")
+
+
+def report(cfg: Config, s: Setup, trainer: Trainer, results: dict[str, Any], eval_metrics: dict | None) -> None:
+    out = trainer.out
+    write_results(out, "train", results)
+    if eval_metrics:
+        write_results(out, "eval", eval_metrics)
+    if cfg.finetuning.plot_loss:
+        plot_losses(out)
+    unit = s.objective.unit
+    print(f"done: {trainer.state.global_step} steps in {results['train_runtime']:.1f}s, "
+          f"train_loss {results['train_loss']:.4f}"
+          + (f", eval_loss {eval_metrics['eval_loss']:.4f}" if eval_metrics else "")
+          + f", {results[f'train_{unit}_per_second']:.0f} {unit.replace('_', ' ')}/s -> {out}")
+
+
+def evaluate_only(cfg: Config) -> int:
+    """Every metric of the stage on the eval data, without training; written to output_dir/eval_results.json."""
+    from tunesmith.config.validate import check_data, check_finetuning, check_model, raise_if
+
+    raise_if(check_model(cfg) + check_data(cfg) + check_finetuning(cfg)
+             + ([] if cfg.data.val_size > 0 or cfg.data.eval_dataset else
+                ["`do_eval` needs evaluation data: set `val_size` or `eval_dataset`"])
+             + ([] if cfg.training.output_dir else ["`output_dir` is required: where eval_results.json goes"]))
+    s = build_setup(cfg)
+    metrics = Trainer(cfg, s).evaluate()
+    if s.accelerator.is_main_process:
+        out = Path(cfg.training.output_dir)  # type: ignore[arg-type]
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, "eval", metrics)
+        print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" -> {out / 'eval_results.json'}")
     return 0

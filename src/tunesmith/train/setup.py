@@ -213,6 +213,10 @@ def build_setup(cfg: Config) -> Setup:
 
     from tunesmith.train.distributed import innermost_optimizer, make_accelerator, make_stepper
 
+    if cfg.training.bf16 and not torch.cuda.is_available():
+        from tunesmith.runtime import use_bf16_on_cpu
+
+        cfg.training.bf16 = use_bf16_on_cpu(True, cfg.model.allow_slow_bf16, "bf16: true")
     accelerator = make_accelerator(cfg)
     set_seed(cfg.training.seed)
     if accelerator.is_main_process:
