@@ -40,11 +40,12 @@ def check_output_dir(cfg: Config) -> list[str]:
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
         return [f"`output_dir`: `{out}` is a file, not a folder"]
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return [f"`output_dir`: `{out}` cannot be created: `{existing}` is not a writable folder"]
+    try:  # created now (it would be anyway): the only sure test that it can be
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return [f"`output_dir`: `{out}` cannot be created ({err.strerror}); choose a folder you can write to"]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"`output_dir`: `{out}` is not writable; choose a folder you can write to"]
     return []
 
 
