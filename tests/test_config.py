@@ -60,7 +60,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     text = "\n".join(err.value.problems)
     assert len(err.value.problems) == 5
     assert "unknown key `lora_targt` (did you mean `lora_target`?)" in text
-    assert "`learning_rate`: expected a number, got 'fast'" in text
+    assert "`learning_rate`: expected a finite number, got 'fast'" in text
     assert "`stage`: expected one of pt, sft, rm, dpo" in text
     assert "`quantization_bit` is not supported" in text
     assert "`cutoff_len`: expected an integer" in text
