@@ -107,7 +107,7 @@ def test_dpo_ftx_adds_the_chosen_nll(tmp_path, tiny_model_dir, pref_dir, tokeniz
 def test_rm_learns_the_demo_preference_and_predicts(tmp_path):
     out = train(tmp_path, TINY_MODEL, DATA_DIR, "rm_demo", "stage=rm", "dataset=preference_demo", "val_size=0.1",
                 "lora_target=all", "lora_rank=16", "learning_rate=1e-3", "num_train_epochs=2", "cutoff_len=96",
-                "per_device_train_batch_size=8", "do_eval=true", "logging_steps=10")
+                "per_device_train_batch_size=8", "do_train=true", "do_eval=true", "logging_steps=10")
     accuracy = json.loads((out / "eval_results.json").read_text())["eval_accuracy"]
     assert accuracy >= 0.9
     assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()

@@ -330,7 +330,7 @@ def test_compute_accuracy_counts_argmax_hits(tmp_path, tiny_model_dir, data_dir,
             target = torch.tensor(labels[1:], dtype=torch.long)
             expected += int(((logits.argmax(-1) == target) & (target != -100)).sum())
     assert int(correct[0]) == expected > 0
-    out = train(tmp_path, tiny_model_dir, data_dir, "acc", "max_steps=2", "val_size=4", "do_eval=true",
+    out = train(tmp_path, tiny_model_dir, data_dir, "acc", "max_steps=2", "val_size=4", "do_train=true", "do_eval=true",
                 "compute_accuracy=true")
     metrics = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_loss" in metrics

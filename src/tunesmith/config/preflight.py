@@ -67,7 +67,7 @@ def preflight(command: str, cfg: Config) -> None:
     """Raise ConfigError with every problem found; commands re-check the rest once they load."""
     from tunesmith.config import validate
 
-    problems = check_model_path(cfg)
+    problems = validate.check_model(cfg) + check_model_path(cfg)
     if command == "train":
         if cfg.training.do_train:
             problems += validate.check_data(cfg) + validate.check_finetuning(cfg) + validate.check_training(cfg)
