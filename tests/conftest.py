@@ -64,3 +64,8 @@ def write_dataset(folder: Path, name: str, rows, entry: dict | None = None, suff
     info[name] = {"file_name": path.name, **(entry or {})}
     info_path.write_text(json.dumps(info))
     return path
+
+
+def sft_rows(n: int = 24) -> list[dict]:
+    """Learnable alpaca rows: small sums."""
+    return [{"instruction": f"What is {i} plus {i + 1}?", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(n)]

@@ -12,13 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_dataset
+from conftest import sft_rows, write_dataset
 from tunesmith.cli import main
 from tunesmith.train import checkpoint as ckpt
-
-
-def sft_rows(n=24):
-    return [{"instruction": f"What is {i} plus {i + 1}?", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(n)]
 
 
 @pytest.fixture()

@@ -12,13 +12,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, write_dataset
+from conftest import ROOT, TINY_MODEL, sft_rows, write_dataset
 from tunesmith.cli import main
 from tunesmith.train import checkpoint as ckpt
-
-
-def sft_rows(n=16):
-    return [{"instruction": f"What is {i} plus {i + 1}?", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(n)]
 
 
 @pytest.fixture()

@@ -39,9 +39,12 @@ class TrainLogger:
             self.tracker = wandb
 
     def resume_at(self, step: int) -> None:
+        """Start the bar at `step` without counting the skipped steps into its speed or remaining time."""
         if self.bar is not None:
-            self.bar.update(step)
+            self.bar.n = self.bar.last_print_n = self.bar.initial = step
+            self.bar.refresh()
         self.resumed_from = step
+        self.start = time.time()
 
     def advance(self, step: int, loss: float, lr: float) -> None:
         if self.bar is not None:
