@@ -27,8 +27,13 @@ def varlen_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torc
         if attention_mask is not None:
             raise ValueError(f"`{VARLEN}` attention takes packed rows with sample bounds, not padding masks")
         bounds = [0, query.shape[2]]
-    pieces = [causal_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout, scaling, gqa)
-              for a, b in zip(bounds[:-1], bounds[1:])]
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        raise ValueError(f"sample bounds {bounds[0]}..{bounds[-1]} do not cover the row of {query.shape[2]} tokens")
+    # One split per tensor: its backward writes every sample's gradient into one buffer, where a slice per sample
+    # would make autograd add a full-size zero-filled gradient for each.
+    pieces = [causal_attention(q, k, v, dropout, scaling, gqa)
+              for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 

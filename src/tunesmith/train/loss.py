@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tunesmith.data.batching import IGNORE, Batch
 from tunesmith.model.attention import BOUNDS_KWARG
 from tunesmith.model.kept_rows import KEEP_ROWS_KWARG
+from tunesmith.train.head_loss import installed_head, token_nll
 
 
 def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket: int = 1,
@@ -17,7 +18,8 @@ def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket
     """Sum of cross-entropy over supervised positions, and their count.
 
     The output head runs only on supervised positions (`logits_to_keep` with their indices), so prompt tokens
-    and a large vocabulary cost neither time nor memory; the loss itself is computed in fp32. `bucket` > 1
+    cost no head work; the loss itself is computed in fp32, in chunks of positions where the chunked head is
+    installed (train/head_loss.py), so a large vocabulary's logits never exist whole. `bucket` > 1
     rounds the number of kept positions up (repeats of the last one, without targets) to limit distinct shapes.
     `kept_rows`: the model's last layer was installed by `model.kept_rows` and also works only at those positions.
     """
@@ -35,6 +37,12 @@ def token_loss_sum(model: Any, batch: Batch, correct: list | None = None, bucket
         extra[KEEP_ROWS_KWARG] = keep
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask,
                 use_cache=False, logits_to_keep=0 if kept_rows else keep, **extra)
+    head = installed_head(model)
+    if head is not None:  # the model handed its hidden states through: head + loss in chunks
+        nll, hits = token_nll(out.logits, head, targets)
+        if correct is not None:
+            correct.append(hits.sum().float())
+        return nll.sum(), int(supervised.sum())
     logits = out.logits.float()                      # [rows, len(keep), vocab]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                            reduction="sum")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tunesmith.data.batching import IGNORE, collate
 from tunesmith.data.pairs import PairBatch, collate_pairs
 from tunesmith.model.attention import BOUNDS_KWARG
+from tunesmith.train.head_loss import installed_head, token_nll
 from tunesmith.train.loss import token_loss_sum
 
 
@@ -48,7 +49,12 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
     keep = supervised.nonzero().squeeze(-1)
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep,
                 **{BOUNDS_KWARG: batch.seq_bounds})
-    logp = torch.log_softmax(out.logits[0].float(), dim=-1).gather(-1, batch.targets[0, keep][:, None]).squeeze(-1)
+    head = installed_head(model)
+    if head is not None:  # hidden states handed through: head + log-softmax in chunks
+        logp = -token_nll(out.logits[0], head, batch.targets[0, keep])[0]
+    else:
+        logits = out.logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[0, keep][:, None]).squeeze(-1)
     ends = torch.tensor(batch.seq_bounds[1:], device=keep.device)
     seq_of = torch.searchsorted(ends, keep, right=True)
     n_seq = len(batch.seq_bounds) - 1

@@ -124,6 +124,45 @@ def last_layer_at_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:
     return installed
 
 
+@torch.no_grad()
+def chunked_head_matches(model: Any, vocab_size: int) -> bool:
+    """Per-position NLL of a random sequence: the chunked head + loss against the model's own logits."""
+    from tunesmith.train.head_loss import installed_head, token_nll
+
+    head = installed_head(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (1, 12), generator=gen).to(device)
+    targets = torch.randint(0, vocab_size, (1, 12), generator=gen).to(device)
+    hidden = model(input_ids=ids, use_cache=False).logits
+    head.passing = False  # type: ignore[union-attr]
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    head.passing = True  # type: ignore[union-attr]
+    model.train(was_training)
+    if hidden.shape[-1] == logits.shape[-1]:
+        return False
+    plain = torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none")
+    chunked = token_nll(hidden, head, targets)[0][0]  # type: ignore[arg-type]
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    return float((plain - chunked).abs().max() / plain.abs().max().clamp(min=1e-6)) < (1e-2 if half else 1e-5)
+
+
+def use_chunked_head(model: Any, cfg: Config, accelerator: Any) -> bool:
+    """Head + loss in chunks of positions (train/head_loss.py) where the loop allows it: not under FSDP, ZeRO-3
+    (they gather the head only inside its own forward) or torch.compile."""
+    from accelerate.utils import DistributedType
+
+    from tunesmith.train import head_loss
+
+    if accelerator.distributed_type == DistributedType.FSDP or zero3_sharded() or cfg.training.torch_compile:
+        return False
+    installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size))
+    log.info("head + loss in chunks of positions: %s", "on" if installed else "off (not a plain linear head)")
+    return installed
+
+
 def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool, pad_id: int,
                     accelerator: Any) -> tuple[Any, Any]:
     """The stage's objective; for rm the model gains a value head, for dpo a reference."""
@@ -131,6 +170,8 @@ def build_objective(model: Any, cfg: Config, data: Datasets, padding_free: bool,
 
     f = cfg.finetuning
     device = accelerator.device
+    if f.stage != "rm":
+        use_chunked_head(model, cfg, accelerator)
     if f.stage in ("pt", "sft"):
         return model, objectives.LMObjective(padding_free, pad_id, f.compute_accuracy, shape_bucket(cfg, device),
                                              last_layer_at_kept_rows(model, cfg, accelerator))

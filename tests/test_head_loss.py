@@ -1,0 +1,65 @@
+"""Head + cross-entropy in chunks of positions: the same losses and gradients as the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import sft_rows, write_dataset
+from tunesmith.cli import main
+from tunesmith.train import head_loss
+from tunesmith.train.head_loss import IGNORE, ChunkedTokenNLL
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_nll_equals_plain_cross_entropy(chunk):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(50, 16, generator=gen).requires_grad_()
+    bias = torch.randn(50, generator=gen).requires_grad_()
+    targets = torch.randint(0, 50, (10,), generator=gen)
+    targets[[2, 7]] = IGNORE
+    upstream = torch.rand(10, generator=gen)
+
+    logits = F.linear(hidden, weight, bias)
+    plain = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+    (plain * upstream).sum().backward()
+    expected = [t.grad.clone() for t in (hidden, weight, bias)]
+    for t in (hidden, weight, bias):
+        t.grad = None
+
+    nll, hits = ChunkedTokenNLL.apply(hidden, weight, bias, targets, chunk)
+    (nll * upstream).sum().backward()
+    torch.testing.assert_close(nll, plain, rtol=1e-5, atol=1e-6)
+    assert torch.equal(hits, (logits.argmax(-1) == targets) & (targets != IGNORE))
+    for got, want in zip((hidden.grad, weight.grad, bias.grad), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_bound_the_logits_held_at_once():
+    assert head_loss.chunk_for(151_936) * 151_936 <= head_loss.CHUNK_ELEMENTS
+    assert head_loss.chunk_for(10) == head_loss.CHUNK_ELEMENTS // 10
+
+
+def train_full(tmp_path, model_dir, name, *extra):
+    data = tmp_path / "data"
+    if not data.exists():
+        write_dataset(data, "sft", sft_rows(12))
+    out = tmp_path / name
+    assert main(["train", f"model_name_or_path={model_dir}", f"dataset_dir={data}", f"output_dir={out}",
+                 f"data_cache_dir={tmp_path / 'cache'}", "dataset=sft", "template=chatml", "cutoff_len=64",
+                 "finetuning_type=full", "per_device_train_batch_size=4", "learning_rate=1e-3", "max_steps=3",
+                 "save_strategy=no", "disable_tqdm=true", "seed=1", *extra]) == 0
+    return load_file(out / "model.safetensors")
+
+
+@pytest.mark.parametrize("stage_args", [[], ["compute_accuracy=true"]])
+def test_training_with_the_chunked_head_equals_the_plain_head(tmp_path, tiny_model_dir, monkeypatch, stage_args):
+    chunked = train_full(tmp_path, tiny_model_dir, "chunked", *stage_args)
+    monkeypatch.setattr(head_loss, "install", lambda model, check: False)
+    plain = train_full(tmp_path, tiny_model_dir, "plain", *stage_args)
+    assert chunked.keys() == plain.keys()
+    for name in plain:  # the head and every layer below it got the same updates
+        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-4, atol=1e-6)
