@@ -13,15 +13,17 @@ from tunesmith.train import head_loss
 from tunesmith.train.head_loss import IGNORE, ChunkedTokenNLL
 
 
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("grads_ahead", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_chunked_nll_equals_plain_cross_entropy(chunk):
+def test_chunked_nll_equals_plain_cross_entropy(chunk, grads_ahead, uniform):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
     weight = torch.randn(50, 16, generator=gen).requires_grad_()
     bias = torch.randn(50, generator=gen).requires_grad_()
     targets = torch.randint(0, 50, (10,), generator=gen)
     targets[[2, 7]] = IGNORE
-    upstream = torch.rand(10, generator=gen)
+    upstream = torch.full((10,), 0.3) if uniform else torch.rand(10, generator=gen)  # a sum's, or dpo-like
 
     logits = F.linear(hidden, weight, bias)
     plain = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
@@ -30,7 +32,7 @@ def test_chunked_nll_equals_plain_cross_entropy(chunk):
     for t in (hidden, weight, bias):
         t.grad = None
 
-    nll, hits = ChunkedTokenNLL.apply(hidden, weight, bias, targets, chunk)
+    nll, hits = ChunkedTokenNLL.apply(hidden, weight, bias, targets, chunk, grads_ahead)
     (nll * upstream).sum().backward()
     torch.testing.assert_close(nll, plain, rtol=1e-5, atol=1e-6)
     assert torch.equal(hits, (logits.argmax(-1) == targets) & (targets != IGNORE))
@@ -62,4 +64,4 @@ def test_training_with_the_chunked_head_equals_the_plain_head(tmp_path, tiny_mod
     plain = train_full(tmp_path, tiny_model_dir, "plain", *stage_args)
     assert chunked.keys() == plain.keys()
     for name in plain:  # the head and every layer below it got the same updates
-        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-4, atol=1e-5)  # Adam amplifies rounding

@@ -2,9 +2,9 @@
 
 With a 151,936-token vocabulary, 10k supervised positions make 6 GB of fp32 logits, and the plain path keeps a
 log-softmax and a gradient of the same size. `ChunkedTokenNLL` computes each chunk's logits, its log-sum-exp and
-the target's logit, keeps nothing but its inputs, and recomputes the chunk in the backward to form
-softmax - onehot, which it multiplies into the gradients of the hidden states and the head. The memory of the
-loss is one chunk (`CHUNK_ELEMENTS` logits) instead of three full tensors; the head's product runs once more.
+the target's logit, and, while training, softmax - onehot multiplied into the gradients of the hidden states and
+the head right away (the products the backward would run), so the memory of the loss is one chunk
+(`CHUNK_ELEMENTS` logits) plus those gradients instead of three full [positions x vocabulary] tensors.
 
 The model keeps its forward: `PassThroughHead` takes the place of the output head (same parameter names, so
 state dicts and adapters do not change) and, while training, hands the hidden states through, so the model's
@@ -29,23 +29,34 @@ CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in fp32)
 
 
 class ChunkedTokenNLL(torch.autograd.Function):
-    """Per-position negative log-likelihood (0 where the target is IGNORE) and whether the argmax is the target."""
+    """Per-position negative log-likelihood (0 where the target is IGNORE) and whether the argmax is the target.
+
+    With `grads_ahead` the forward also forms each chunk's softmax - onehot and multiplies it into the gradients
+    of the hidden states and the head at once, as if every position's upstream gradient were 1; the backward then
+    only scales them, when the upstream gradient is the same at every supervised position (a summed loss, as in
+    pt/sft). Otherwise (dpo weighs sequences) the backward recomputes each chunk.
+    """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nll = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        hits = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+                targets: torch.Tensor, chunk: int, grads_ahead: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        n = hidden.shape[0]
+        nll = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+        hits = torch.zeros(n, dtype=torch.bool, device=hidden.device)
         valid = targets != IGNORE
-        safe = targets.clamp(min=0)
-        for start in range(0, hidden.shape[0], chunk):
-            end = min(start + chunk, hidden.shape[0])
+        ahead = _Grads(hidden, weight, bias, ctx.needs_input_grad) if grads_ahead else None
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
             logits = F.linear(hidden[start:end], weight, bias).float()
-            picked = logits.gather(1, safe[start:end, None]).squeeze(1)
-            nll[start:end] = (logits.logsumexp(-1) - picked) * valid[start:end]
+            lse = logits.logsumexp(-1)
+            picked = logits.gather(1, targets[start:end].clamp(min=0)[:, None]).squeeze(1)
+            nll[start:end] = (lse - picked) * valid[start:end]
             hits[start:end] = (logits.argmax(-1) == targets[start:end]) & valid[start:end]
+            if ahead is not None:
+                ahead.add(start, end, _softmax_minus_onehot(logits.sub_(lse[:, None]).exp_(), targets[start:end],
+                                                          valid[start:end]))
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.ahead = chunk, ahead
         ctx.mark_non_differentiable(hits)
         return nll, hits
 
@@ -53,31 +64,52 @@ class ChunkedTokenNLL(torch.autograd.Function):
     def backward(ctx: Any, grad_nll: torch.Tensor, _: Any) -> tuple[Any, ...]:
         hidden, weight, bias, targets = ctx.saved_tensors
         valid = targets != IGNORE
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
-        # the forward's product ran in the hidden states' dtype (autocast's choice); the recomputation does too
-        w = weight.to(hidden.dtype)
-        b = None if bias is None else bias.to(hidden.dtype)
+        upstream = grad_nll[valid]
+        if ctx.ahead is not None and (upstream.numel() == 0 or bool((upstream == upstream[0]).all())):
+            scale = upstream[0] if upstream.numel() else grad_nll.new_zeros(())
+            return (*ctx.ahead.scaled(scale, weight, bias), None, None, None)
+        grads = _Grads(hidden, weight, bias, ctx.needs_input_grad)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
-            rows = hidden[start:end]
             with torch.autocast(hidden.device.type, enabled=False):
-                logits = F.linear(rows, w, b).float()
-            grad = torch.softmax(logits, dim=-1)
-            index = torch.arange(end - start, device=grad.device)
-            grad[index, targets[start:end].clamp(min=0)] -= 1
-            grad *= (grad_nll[start:end] * valid[start:end])[:, None]
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad.to(rows.dtype) @ w
-            if grad_weight is not None:
-                grad_weight += grad.t() @ rows.float()
-            if grad_bias is not None:
-                grad_bias += grad.sum(0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                logits = F.linear(hidden[start:end], grads.w, grads.b).float()
+            grad = _softmax_minus_onehot(torch.softmax(logits, dim=-1), targets[start:end], valid[start:end])
+            grads.add(start, end, grad * grad_nll[start:end, None])
+        return (*grads.scaled(None, weight, bias), None, None, None)
+
+
+def _softmax_minus_onehot(probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """d NLL / d logits of each position, in place on `probs` (rows of ignored positions zeroed)."""
+    probs[torch.arange(probs.shape[0], device=probs.device), targets.clamp(min=0)] -= 1
+    return probs.mul_(valid[:, None])
+
+
+class _Grads:
+    """Gradients of the hidden states, the head's weight and bias, summed chunk by chunk."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: Any):
+        # the forward's product ran in the hidden states' dtype (autocast's choice); these products do too
+        self.hidden, self.w = hidden, weight.to(hidden.dtype)
+        self.b = None if bias is None else bias.to(hidden.dtype)
+        self.grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
+        self.grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+            if bias is not None and needs[2] else None
+
+    def add(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        if self.grad_hidden is not None:
+            self.grad_hidden[start:end] = grad_logits.to(self.w.dtype) @ self.w
+        if self.grad_weight is not None:
+            self.grad_weight += grad_logits.t() @ self.hidden[start:end].float()
+        if self.grad_bias is not None:
+            self.grad_bias += grad_logits.sum(0)
+
+    def scaled(self, scale: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+        def out(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+            if grad is None or like is None:
+                return None
+            return (grad if scale is None else grad * scale).to(like.dtype)
+        return out(self.grad_hidden, self.hidden), out(self.grad_weight, weight), out(self.grad_bias, bias)
 
 
 def chunk_for(vocab: int) -> int:
@@ -88,7 +120,7 @@ def token_nll(hidden: torch.Tensor, head: "PassThroughHead", targets: torch.Tens
     """hidden [..., H] and targets [...] -> per-position NLL (fp32) and argmax hits, shaped like targets."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     nll, hits = ChunkedTokenNLL.apply(flat, head.weight, head.bias, targets.reshape(-1),
-                                      chunk_for(head.weight.shape[0]))
+                                      chunk_for(head.weight.shape[0]), torch.is_grad_enabled())
     return nll.view(targets.shape), hits.view(targets.shape)
 
 
