@@ -39,8 +39,15 @@ def validate_for_export(cfg: Config, force: bool) -> Path:
 
 def load_merged(cfg: Config, dtype: Any, merge_last: bool = True) -> Any:
     """Base model with every adapter merged in, in order (the last left unmerged for `--verify`)."""
+    import copy
+
     from tunesmith.model.loading import apply_adapters, load_model
 
+    if cfg.model.quantization_bit is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.model.quantization_bit = None
+        log.info("quantization_bit: the adapters are merged into the full-precision base (they were trained on "
+                 "a quantized copy of it); the export is not quantized")
     return apply_adapters(load_model(cfg, dtype, for_training=False), cfg.adapter_paths(), merge_last)
 
 

@@ -41,6 +41,12 @@ class ModelArgs:
         "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
     )
     infer_backend: Literal["hf", "vllm"] = opt("hf", "Generation engine for predict/chat/serve.")
+    quantization_bit: int | None = opt(
+        None, "Load the base model quantized to 4 or 8 bits with bitsandbytes (QLoRA when training with LoRA; "
+        "also for predict, chat, serve and eval). Needs `pip install bitsandbytes`.")
+    quantization_method: Literal["bnb", "bitsandbytes"] = opt("bnb", "Quantization library (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = opt("nf4", "4-bit data type: nf4 (QLoRA's) or fp4.")
+    double_quantization: bool = opt(True, "4-bit: quantize the quantization constants too (saves memory).")
     allow_slow_bf16: bool = opt(
         False, "On a CPU without native bf16 (no AVX-512 BF16 or AMX), tunesmith computes in fp32 where bf16 (or "
         "fp16) was asked for, with a warning, because emulated half precision is far slower; true keeps bf16.")
@@ -310,9 +316,6 @@ ALIAS_VALUES: dict[str, dict[Any, Any]] = {
 
 # LLaMA-Factory keys that tunesmith does not implement yet: a clear error, never silence.
 NOT_SUPPORTED: dict[str, str] = {
-    "quantization_bit": "QLoRA / quantized loading is not supported yet",
-    "quantization_method": "quantized loading is not supported yet",
-    "double_quantization": "quantized loading is not supported yet",
     "rope_scaling": "RoPE scaling overrides are not supported yet",
     "shift_attn": "shift short attention is not supported",
     "use_unsloth": "unsloth kernels are not supported",

@@ -122,6 +122,11 @@ def check_finetuning(cfg: Config) -> list[str]:
                         "large trains nothing a full fine-tune would not: use a rank such as 8-64")
     if not 0 <= f.lora_dropout < 1:
         problems.append(f"`lora_dropout` must be in [0, 1), got {f.lora_dropout}")
+    bits = cfg.model.quantization_bit
+    if bits is not None and bits not in (4, 8):
+        problems.append(f"`quantization_bit` must be 4 or 8, got {bits}")
+    if bits is not None and f.finetuning_type != "lora":
+        problems.append(f"`quantization_bit: {bits}` trains only LoRA adapters (QLoRA): set `finetuning_type: lora`")
     if cfg.model.adapter_name_or_path and f.finetuning_type != "lora":
         problems.append("`adapter_name_or_path` (checkpoint_dir) needs `finetuning_type: lora`")
     for path in cfg.adapter_paths():

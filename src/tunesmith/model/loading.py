@@ -20,20 +20,52 @@ def _attn(cfg: Config) -> str:
     return "sdpa"
 
 
-def load_model(cfg: Config, dtype: Any, for_training: bool) -> Any:
+def quantization(cfg: Config, compute_dtype: Any) -> dict[str, Any]:
+    """from_pretrained arguments that load the base quantized by bitsandbytes (`quantization_bit`), placed on this
+    process's device (quantized weights cannot be moved after loading)."""
+    bits = cfg.model.quantization_bit
+    if bits is None:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from tunesmith.config.loader import ConfigError
+
+        raise ConfigError([f"`quantization_bit: {bits}` needs bitsandbytes: pip install 'tunesmith[qlora]'"]) from None
+    if compute_dtype in (None, "auto"):
+        compute_dtype = torch.float32
+    settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quantization_type,
+                                  bnb_4bit_use_double_quant=cfg.model.double_quantization,
+                                  bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8) \
+        if bits == 4 else BitsAndBytesConfig(load_in_8bit=True)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    log.info("loading the base model quantized to %d bits (%s)", bits, cfg.model.quantization_type if bits == 4
+             else "int8")
+    return {"quantization_config": settings, "device_map": {"": device}}
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None))
+
+
+def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     path = cfg.model.model_name_or_path
+    quantized = quantization(cfg, compute_dtype if compute_dtype is not None else dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
-            cache_dir=cfg.model.cache_dir, attn_implementation=_attn(cfg))
+            cache_dir=cfg.model.cache_dir, attn_implementation=_attn(cfg), **quantized)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load a model from `{path}`: {str(err).splitlines()[0]}",
                         fix="point `model_name_or_path` at a model folder (config.json and weights)",
                         reason="missing model") from None
-    if getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None):
+    if not quantized and is_quantized(model):
         raise DataError(f"`{path}` is a quantized model; tunesmith does not train or merge quantized weights yet",
                         fix="use the unquantized base model", reason="quantized model")
     if for_training:
@@ -97,10 +129,17 @@ def inference_dtype(cfg: Config) -> Any:
 
 
 def load_for_inference(cfg: Config) -> Any:
-    """Base model with the configured adapters merged in (in order), in `infer_dtype`, in eval mode."""
+    """Base model with the configured adapters merged in (in order), in `infer_dtype`, in eval mode. A quantized
+    base (`quantization_bit`) keeps its adapter unmerged: merging into 4-bit weights would round it away."""
     import torch
 
-    model = apply_adapters(load_model(cfg, inference_dtype(cfg), for_training=False), cfg.adapter_paths())
-    if torch.cuda.is_available():
+    model = load_model(cfg, inference_dtype(cfg), for_training=False)
+    quantized = cfg.model.quantization_bit is not None
+    if quantized and len(cfg.adapter_paths()) > 1:
+        from tunesmith.config.loader import ConfigError
+
+        raise ConfigError(["a quantized base takes one adapter: merge the others first with `tunesmith export`"])
+    model = apply_adapters(model, cfg.adapter_paths(), merge_last=not quantized)
+    if torch.cuda.is_available() and not quantized:
         model = model.to("cuda")
     return model.eval()

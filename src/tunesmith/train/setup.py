@@ -267,12 +267,21 @@ def build_setup(cfg: Config) -> Setup:
     t = cfg.training
     # LoRA with bf16 keeps the frozen base in bf16 (half the memory); trained weights are always fp32.
     base_dtype = torch.bfloat16 if (cfg.finetuning.finetuning_type == "lora" and t.bf16) else torch.float32
-    model = apply_finetuning(load_model(cfg, base_dtype, for_training=True), cfg)
+    compute_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    model = load_model(cfg, base_dtype, for_training=True, compute_dtype=compute_dtype)
+    quantized = cfg.model.quantization_bit is not None
+    if quantized:  # QLoRA: norms and embeddings in fp32, everything frozen before the adapters are added
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_finetuning(model, cfg)
     trainable_n, total_n = parameter_counts(model)
     if accelerator.is_main_process:
         log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable_n, total_n,
                  100 * trainable_n / total_n)
-    model.to(accelerator.device)
+    if not quantized:  # a quantized model was placed on its device when loaded and cannot be moved
+        model.to(accelerator.device)
     padding_free = cfg.model.attn_implementation == "flash_attention_2" or zero3_sharded() or padding_free_works(
         model, model.config.vocab_size)
     if not padding_free:
