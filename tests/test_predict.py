@@ -111,3 +111,20 @@ def test_vllm_greedy_matches_hf(tmp_path):
     assert main(["predict", *common, f"output_dir={out_vllm}", "infer_backend=vllm"]) == 0
     read = lambda p: [json.loads(l)["predict"] for l in (p / "generated_predictions.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(out_hf) == read(out_vllm)
+
+
+def test_vllm_engine_arguments_follow_the_adapter_and_llamafactory_keys(tmp_path):
+    """What the vLLM engine is asked for (runs without vLLM): the adapter's rank, LLaMA-Factory's vllm_* keys."""
+    from tunesmith.config import load_config
+    from tunesmith.infer.vllm import engine_kwargs
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 48}')
+    cfg = load_config(["model_name_or_path=m", "vllm_maxlen=8192", "vllm_gpu_util=0.5", "vllm_enforce_eager=true",
+                       "vllm_config={tensor_parallel_size: 4, max_num_seqs: 8}"])
+    kwargs = engine_kwargs(cfg, [str(adapter)])
+    assert kwargs["max_lora_rank"] == 64 and kwargs["enable_lora"] is True
+    assert (kwargs["max_model_len"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == (8192, 0.5, True)
+    assert (kwargs["tensor_parallel_size"], kwargs["max_num_seqs"]) == (4, 8)
+    assert "max_lora_rank" not in engine_kwargs(load_config(["model_name_or_path=m"]), [])

@@ -41,6 +41,13 @@ class ModelArgs:
         "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
     )
     infer_backend: Literal["hf", "vllm"] = opt("hf", "Generation engine for predict/chat/serve.")
+    vllm_maxlen: int = opt(4096, "vLLM: longest prompt + answer in tokens (its max_model_len).")
+    vllm_gpu_util: float = opt(0.9, "vLLM: share of GPU memory it may take (weights, KV cache).")
+    vllm_enforce_eager: bool = opt(False, "vLLM: no CUDA graphs (less memory, slower decoding).")
+    vllm_max_lora_rank: int | None = opt(
+        None, "vLLM: largest LoRA rank it accepts; default: the adapter's own rank (vLLM's default is 16).")
+    vllm_config: dict = opt({}, "vLLM: extra engine arguments, e.g. {tensor_parallel_size: 2}; default tensor "
+                                "parallelism is every visible GPU.")
     quantization_bit: int | None = opt(
         None, "Load the base model quantized to 4 or 8 bits with bitsandbytes (QLoRA when training with LoRA; "
         "also for predict, chat, serve and eval). Needs `pip install bitsandbytes`.")

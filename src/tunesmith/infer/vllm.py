@@ -31,6 +31,31 @@ def sampling_kwargs(g: GenerationArgs, stops: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def adapter_rank(folder: str) -> int:
+    """The LoRA rank written in an adapter's adapter_config.json (peft's `r`)."""
+    import json
+    from pathlib import Path
+
+    return int(json.loads((Path(folder) / "adapter_config.json").read_text())["r"])
+
+
+def engine_kwargs(cfg: Config, adapters: list[str]) -> dict[str, Any]:
+    """vllm.LLM arguments: LLaMA-Factory's vllm_* settings, the adapter's rank, every visible GPU for tensor
+    parallelism unless `vllm_config` says otherwise."""
+    import torch
+
+    m = cfg.model
+    kwargs: dict[str, Any] = {
+        "model": m.model_name_or_path, "dtype": "auto" if m.infer_dtype == "auto" else m.infer_dtype,
+        "trust_remote_code": m.trust_remote_code, "max_model_len": m.vllm_maxlen, "seed": cfg.training.seed,
+        "gpu_memory_utilization": m.vllm_gpu_util, "enforce_eager": m.vllm_enforce_eager,
+        "tensor_parallel_size": max(1, torch.cuda.device_count()), "enable_lora": bool(adapters)}
+    if adapters:
+        rank = adapter_rank(adapters[0])  # vLLM takes powers of two from 8 up
+        kwargs["max_lora_rank"] = m.vllm_max_lora_rank or max(16, 1 << (rank - 1).bit_length())
+    return {**kwargs, **m.vllm_config}
+
+
 class VLLMEngine:
     def __init__(self, cfg: Config, stops: list[str]):
         vllm = import_vllm()
@@ -38,10 +63,7 @@ class VLLMEngine:
         if len(adapters) > 1:
             raise ConfigError(["vLLM applies one LoRA adapter at a time; merge the others first with "
                                "`tunesmith export`"])
-        dtype = "auto" if cfg.model.infer_dtype == "auto" else cfg.model.infer_dtype
-        self.llm = vllm.LLM(model=cfg.model.model_name_or_path, dtype=dtype, enable_lora=bool(adapters),
-                            trust_remote_code=cfg.model.trust_remote_code, max_model_len=cfg.data.cutoff_len +
-                            cfg.generation.max_new_tokens, seed=cfg.training.seed)
+        self.llm = vllm.LLM(**engine_kwargs(cfg, adapters))
         self.lora = None
         if adapters:
             from vllm.lora.request import LoRARequest
@@ -69,7 +91,7 @@ class VLLMChatEngine:
         self.tokenizer, template = load_inference_tokenizer(cfg)
         self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
         self.engine = VLLMEngine(cfg, self.template.stop)
-        self.max_length = cfg.data.cutoff_len + cfg.generation.max_new_tokens
+        self.max_length = cfg.model.vllm_maxlen
         self.shutdown = threading.Event()  # the interface's; vLLM's answers come whole
 
     def prompt_ids(self, conv: Any) -> list[int]:
