@@ -54,7 +54,7 @@ def test_list_values_for_comma_keys(tmp_path):
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    path = write(tmp_path, "lora_targt: all\nlearning_rate: fast\nstage: sftt\nquantization_bit: 4\n")
+    path = write(tmp_path, "lora_targt: all\nlearning_rate: fast\nstage: sftt\nrope_scaling: linear\n")
     with pytest.raises(ConfigError) as err:
         load_config([path, "cutoff_len=abc"])
     text = "\n".join(err.value.problems)
@@ -62,7 +62,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "unknown key `lora_targt` (did you mean `lora_target`?)" in text
     assert "`learning_rate`: expected a finite number, got 'fast'" in text
     assert "`stage`: expected one of pt, sft, rm, dpo" in text
-    assert "`quantization_bit` is not supported" in text
+    assert "`rope_scaling` is not supported" in text
     assert "`cutoff_len`: expected an integer" in text
 
 

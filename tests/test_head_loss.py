@@ -16,6 +16,7 @@ from tunesmith.train.head_loss import IGNORE, ChunkedTokenNLL
 @pytest.mark.parametrize("uniform", [True, False])
 @pytest.mark.parametrize("grads_ahead", [True, False])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
+@torch.enable_grad()  # an earlier test in the suite may leave autograd off
 def test_chunked_nll_equals_plain_cross_entropy(chunk, grads_ahead, uniform):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(10, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
