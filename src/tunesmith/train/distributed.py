@@ -187,13 +187,16 @@ class DeepSpeedStepper(Stepper):
         return float(norm) if norm is not None else float("nan")
 
     def gathered(self, modify: bool) -> Any:
-        """ZeRO-3 shards the parameters themselves: gather them (all ranks) to save or load whole tensors."""
+        """ZeRO-3 shards the parameters themselves: gather (on all ranks) the ones a checkpoint holds, whole. A LoRA
+        checkpoint holds the trainable tensors only, so the frozen base is never gathered to save or load it."""
         if self.model.zero_optimization_stage() != 3:
             return contextlib.nullcontext()
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(list(self.model.module.parameters()),
-                                                 modifier_rank=0 if modify else None)
+        params = list(self.model.module.parameters())
+        if hasattr(self.model.module, "peft_config") or hasattr(getattr(self.model.module, "lm", None), "peft_config"):
+            params = [p for p in params if p.requires_grad]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
         with self.gathered(modify=False):
