@@ -128,19 +128,18 @@ def test_every_command_has_help(command, capsys):
     assert f"usage: tunesmith {command}" in capsys.readouterr().out
 
 
-def test_several_gpus_without_a_launcher_print_the_command(monkeypatch, caplog):
-    import logging
-
+def test_one_process_per_visible_gpu_unless_told_or_launched(monkeypatch):
     import torch
 
-    from tunesmith.train import recipe
+    from tunesmith.train.launch import processes_wanted
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr("sys.argv", ["tunesmith", "train", "cfg.yaml", "learning_rate=1e-4"])
-    with caplog.at_level(logging.WARNING, logger="tunesmith.train"):
-        recipe.advise_multi_gpu()
-    assert "torchrun --nproc_per_node 4 -m tunesmith.cli train cfg.yaml learning_rate=1e-4" in caplog.text
+    assert processes_wanted(load_config([])) == 4
+    assert processes_wanted(load_config(["nproc_per_node=1"])) == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")  # inside the launched group: never start more
+    assert processes_wanted(load_config([])) == 1
 
 
 def test_llamafactory_keys_we_lack_are_named_and_inverted_switches_work(tmp_path):

@@ -73,8 +73,12 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, tiny_model_dir,
                                                               "per_device_train_batch_size=4")]])
     # the 2-rank run also cuts micro-batches into passes of <= 40 tokens: ranks then run different numbers of
     # passes (padded to the same count), which must change nothing
-    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, two, *extra, "per_device_train_batch_size=2",
-                                 "max_tokens_per_forward=40"))])
+    two_args = args_for(tmp_path, tiny_model_dir, two, *extra, "per_device_train_batch_size=2",
+                        "max_tokens_per_forward=40")
+    if kind == "lora":  # a plain `tunesmith train` with nproc_per_node starts torchrun itself
+        launch([[sys.executable, "-m", "tunesmith.cli", *two_args, "nproc_per_node=2"]])
+    else:
+        launch([torchrun(2, two_args)])
     assert len(losses(one)) == 8  # ceil(30 / 4) steps, the last one with 2 samples
     assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
 

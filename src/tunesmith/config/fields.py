@@ -198,6 +198,9 @@ class TrainingArgs:
     run_name: str | None = opt(None, "Run name for the tracker.")
     logging_dir: str | None = opt(None, "TensorBoard folder (default: output_dir/runs).")
     dataloader_num_workers: int = opt(0, "Accepted for compatibility; batches are built in-process.")
+    nproc_per_node: int | None = opt(
+        None, "Training processes on this machine; default one per visible GPU (1 on a CPU). With more than one, "
+        "a plain `tunesmith train` starts them with torchrun itself; 1 keeps a single process.")
     ddp_timeout: int = opt(1800, "Seconds a rank waits for the others before failing.")
     deepspeed: str | None = opt(None, "DeepSpeed config JSON (ZeRO 0/2/3, offload); \"auto\" values are filled "
                                       "from this config. Launch with torchrun or accelerate launch.")

@@ -25,6 +25,7 @@ from tunesmith.errors import StopError
 from tunesmith.train import checkpoint as ckpt
 from tunesmith.train import cpu_pool
 from tunesmith.train.cpu_threads import make_governor
+from tunesmith.train.launch import launch, processes_wanted
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations, release_free_heap, share_one_malloc_arena
 from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
@@ -359,17 +360,6 @@ def trim_log(path: Path, step: int) -> None:
         path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
 
 
-def advise_multi_gpu() -> None:
-    """Several GPUs but one process: say exactly how to use them all."""
-    import sys
-
-    n = torch.cuda.device_count()
-    if n > 1 and "WORLD_SIZE" not in os.environ:
-        args = " ".join(sys.argv[2:])
-        log.warning("%d GPUs are visible but this is a single process (using one GPU). To train on all of them:\n"
-                    "  torchrun --nproc_per_node %d -m tunesmith.cli train %s", n, n, args)
-
-
 def run(cfg: Config, extras: dict[str, Any]) -> int:
     t = cfg.training
     if not t.do_train:
@@ -381,12 +371,14 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
             return evaluate_only(cfg)
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
     validate_for_train(cfg)
+    processes = processes_wanted(cfg)
+    if processes > 1:
+        return launch(cfg, processes)
     if t.parallel_passes > 1:
         share_one_malloc_arena()
     if t.cpu_memory_pool and not torch.cuda.is_available():
         cpu_pool.install()
     resume = find_resume_point(cfg)
-    advise_multi_gpu()
     rerun_config = saved_config(cfg)  # as the user wrote it, before setup adapts it to this machine
     s = build_setup(cfg)
     trainer = Trainer(cfg, s)
