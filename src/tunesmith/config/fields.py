@@ -150,18 +150,17 @@ class TrainingArgs:
         "of a long-tailed batch bounded; 0 = one pass per micro-batch.")
     cpu_memory_pool: bool = opt(
         True, "CPU: serve tensors of 256 KB or more from tunesmith's memory pool (best fit, pages kept for the next "
-        "pass) instead of malloc, whose heap fragments: peak RSS of a 27M-parameter fp32 LoRA job 1150 -> 800 MB "
-        "at the same speed. Compiled on first use (needs a C++ compiler; falls back to malloc with a warning).")
+        "pass) instead of malloc, whose heap fragments under passes of varying length. Compiled on first use (needs "
+        "a C++ compiler; falls back to malloc with a warning).")
     trim_cpu_heap: bool = opt(
         False, "CPU: hand free memory pages back to the OS (the pool's, and glibc's with malloc_trim) before each "
-        "forward/backward pass. Lowers peak RSS a little more and costs time re-faulting those pages (without the "
-        "pool: 1129 -> 917 MB, 7% slower in-process, 13% in a whole run).")
+        "forward/backward pass: lower peak RSS, paid for in time re-faulting those pages.")
     parallel_passes: int = opt(
         1, "CPU, one process: run this many forward/backward passes of a step at once, each on its share of the "
-        "cores (the step's samples dealt out by cost, gradients added in a fixed order). Pays for small models, "
-        "whose kernels use several cores poorly (2 cores: +14-17% measured in bf16, +5% in fp32 on one CPU and "
-        "none on another). With max_tokens_per_forward, at most that many tokens are in flight at once (longer "
-        "samples run alone on all cores); without it, one set of activations per pass.")
+        "cores (the step's samples dealt out by cost, gradients added in a fixed order). Can pay for small models, "
+        "whose kernels use several cores poorly; measure it on your CPU (benchmarks/). With "
+        "max_tokens_per_forward, at most that many tokens are in flight at once (longer samples run alone on all "
+        "cores); without it, one set of activations per pass.")
     learning_rate: float = opt(5e-5, "Peak learning rate.")
     num_train_epochs: float = opt(3.0, "Epochs to train (fractions allowed); ignored when max_steps > 0.")
     max_steps: int = opt(-1, "Optimizer steps to train; overrides num_train_epochs when > 0.")
