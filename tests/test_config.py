@@ -190,3 +190,13 @@ def test_fsdp_on_cpu_is_refused_not_downgraded(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="FSDP runs on GPUs only"):
         make_accelerator(load_config(["model_name_or_path=m", "output_dir=o"]))
+
+
+def test_the_settings_page_is_generated_from_the_dataclasses():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_keys_doc", ROOT / "scripts" / "make_keys_doc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (ROOT / "docs" / "llamafactory_keys.md").read_text(encoding="utf-8") == module.render(), \
+        "docs/llamafactory_keys.md is stale: run python scripts/make_keys_doc.py"
