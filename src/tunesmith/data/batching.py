@@ -15,9 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tunesmith.data.pipeline import EncodedSet
+from typing import TYPE_CHECKING
 
-IGNORE = -100
+from tunesmith.data.encode import IGNORE, shifted
+
+if TYPE_CHECKING:  # the type only: pipeline imports this module's users
+    from tunesmith.data.pipeline import EncodedSet
 
 
 @dataclass
@@ -47,12 +50,6 @@ class Batch:
                      self.n_samples, self.seq_bounds, self.bucket_padding)
 
 
-def _shifted(labels: np.ndarray) -> np.ndarray:
-    out = np.full_like(labels, IGNORE)
-    out[:-1] = labels[1:]
-    return out
-
-
 def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id: int, bucket: int = 1) -> Batch:
     """Each unit (one sample, or several packed ones) becomes a row; rows are concatenated when padding-free,
     right-padded otherwise. `bucket` > 1 rounds a padding-free row up to a multiple of it with a padding
@@ -60,7 +57,7 @@ def collate(data: EncodedSet, units: list[list[int]], padding_free: bool, pad_id
     rows = []
     for unit in units:
         ids = np.concatenate([data[i][0] for i in unit])
-        targets = np.concatenate([_shifted(data[i][1]) for i in unit])
+        targets = np.concatenate([shifted(data[i][1]) for i in unit])
         positions = np.concatenate([np.arange(len(data[i][0])) for i in unit])
         rows.append((ids, targets, positions))
     n_samples = sum(len(u) for u in units)

@@ -7,13 +7,22 @@ token stays: headers, separators and the response's end-of-turn token are never 
 
 from __future__ import annotations
 
+import numpy as np
+
 import bisect
 from dataclasses import dataclass
 from typing import Any
 
 from tunesmith.data.templates import RenderedChat
 
-IGNORE = -100
+IGNORE = -100  # the label of a position the loss skips (PyTorch's cross-entropy default)
+
+
+def shifted(labels: "np.ndarray") -> "np.ndarray":
+    """Labels -> next-token targets: position t predicts token t + 1; the last position predicts nothing."""
+    out = np.full_like(labels, IGNORE)
+    out[:-1] = labels[1:]
+    return out
 
 
 @dataclass

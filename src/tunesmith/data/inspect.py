@@ -11,6 +11,7 @@ import numpy as np
 
 from tunesmith.config import Config
 from tunesmith.config.validate import validate_for_data
+from tunesmith.data.encode import IGNORE
 from tunesmith.data.pipeline import Datasets, EncodedSet, build_datasets
 
 MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « » around the tokens that carry loss
@@ -19,7 +20,7 @@ MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « » around the tokens that carry
 def show_mask(ids: np.ndarray, labels: np.ndarray, tokenizer: Any) -> str:
     """Decode a sample, wrapping each run of supervised tokens in « »."""
     out, start = [], 0
-    trained = labels != -100
+    trained = labels != IGNORE
     for i in range(1, len(ids) + 1):
         if i == len(ids) or trained[i] != trained[start]:
             text = tokenizer.decode(ids[start:i].tolist(), skip_special_tokens=False)

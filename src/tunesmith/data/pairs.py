@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tunesmith.data.batching import IGNORE, _shifted
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.encode import Dropped, encode_chat
+from tunesmith.data.encode import IGNORE, Dropped, encode_chat, shifted
 
 
 @dataclass
@@ -86,7 +85,7 @@ def collate_pairs(data: EncodedPairs, units: list[list[int]]) -> PairBatch:
             for side in (data.chosen, data.rejected):
                 seq, labels = side[i]
                 ids.append(seq)
-                targets.append(_shifted(labels))
+                targets.append(shifted(labels))
                 positions.append(np.arange(len(seq)))
                 bounds.append(bounds[-1] + len(seq))
     as_row = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))[None]  # noqa: E731

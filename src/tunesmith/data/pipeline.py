@@ -16,7 +16,7 @@ import numpy as np
 
 from tunesmith.config import Config
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.encode import Dropped, Encoded, encode_chat, encode_text
+from tunesmith.data.encode import IGNORE, Dropped, Encoded, encode_chat, encode_text
 from tunesmith.data.errors import DataError
 from tunesmith.data.formats import to_conversation
 from tunesmith.data.readers import data_files, read_rows
@@ -72,7 +72,7 @@ class EncodedSet:
     def supervised_tokens(self) -> int:
         # a label at position 0 of a sample has no preceding token to predict it from
         first = self.offsets[:-1][self.lengths > 0]
-        return int((self.labels != -100).sum() - (self.labels[first] != -100).sum())
+        return int((self.labels != IGNORE).sum() - (self.labels[first] != IGNORE).sum())
 
     def save(self, path: Path) -> None:
         np.savez(path, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)

@@ -7,86 +7,17 @@ sets `stop_event` (Ctrl-C in the chat, a disconnected client in the server).
 
 from __future__ import annotations
 
-import json
-import re
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Iterator
 
 import torch
 
 from tunesmith.config import Config
 from tunesmith.config.fields import GenerationArgs
-from tunesmith.data.conversation import Conversation, ToolCall
+from tunesmith.data.conversation import Conversation
+from tunesmith.infer.answer import Answer, GenerationFailed, Stream, finish_answer, parse_tool_calls  # noqa: F401
 from tunesmith.infer.hf import stop_ids
-
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split a model's answer into its text and the tool calls written in the template's tool format
-    (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`). Malformed calls stay in the text."""
-    calls, kept = [], text
-    for match in TOOL_CALL_RE.finditer(text):
-        try:
-            data = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            arguments = data.get("arguments", {})
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    continue
-            calls.append(ToolCall(data["name"], arguments if isinstance(arguments, dict) else {}))
-            kept = kept.replace(match.group(0), "")
-    return kept.strip(), calls
-
-
-@dataclass
-class Answer:
-    text: str
-    tool_calls: list[ToolCall]
-    completion_tokens: int
-    finish_reason: str  # stop | length | tool_calls
-
-
-class GenerationFailed(RuntimeError):
-    """generate() raised in its worker thread; the stream ended and the model is free again."""
-
-
-class Stream:
-    """Text pieces of one answer as they are generated (its generation runs in a thread of its own). Once
-    exhausted, `completion_tokens` is the number of tokens the model generated and `finish_reason` is `length`
-    when max_new_tokens cut the answer, else `stop`. `cancel()` asks the generation to stop (from any thread);
-    `join()` waits for its thread; `close()` does both from the reading thread."""
-
-    def __init__(self, pieces: Iterator[str], stop_event: threading.Event | None = None,
-                 worker: threading.Thread | None = None):
-        self._pieces = pieces
-        self.stop_event = stop_event or threading.Event()
-        self.worker = worker
-        self.completion_tokens = 0
-        self.finish_reason = "stop"
-
-    def __iter__(self) -> "Stream":
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def cancel(self) -> None:
-        self.stop_event.set()
-
-    def join(self) -> None:
-        if self.worker is not None:
-            self.worker.join()
-
-    def close(self) -> None:
-        self.cancel()
-        self._pieces.close()  # type: ignore[attr-defined]
-        self.join()
 
 
 class _StopOnEvent:
@@ -198,14 +129,6 @@ class ChatEngine:
                seed: int | None = None, tools: bool = False) -> Answer:
         stream = self.stream(prompt, gen, extra_stops, seed=seed)
         return finish_answer("".join(stream), stream, tools)
-
-
-def finish_answer(text: str, stream: Stream, tools: bool) -> Answer:
-    """The whole answer: tool calls parsed out of the text when the request offered tools."""
-    calls: list[ToolCall] = []
-    if tools:
-        text, calls = parse_tool_calls(text)
-    return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason)
 
 
 def generation_for(base: GenerationArgs, max_tokens: int | None, temperature: float | None,

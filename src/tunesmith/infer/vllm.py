@@ -9,6 +9,7 @@ from tunesmith.config import Config
 from tunesmith.config.fields import GenerationArgs
 from tunesmith.config.loader import ConfigError
 from tunesmith.infer import Generation
+from tunesmith.infer.answer import Stream, finish_answer
 
 
 def import_vllm() -> Any:
@@ -106,8 +107,6 @@ class VLLMChatEngine:
 
     def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
                seed: int | None = None) -> Any:
-        from tunesmith.infer.chat_engine import Stream
-
         output = self._generate(prompt, gen, extra_stops, seed)
         stream = Stream(iter([output.text] if output.text else []))
         stream.completion_tokens = len(output.token_ids)
@@ -116,7 +115,5 @@ class VLLMChatEngine:
 
     def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
                tools: bool = False) -> Any:
-        from tunesmith.infer.chat_engine import finish_answer
-
         stream = self.stream(prompt, gen, extra_stops, seed=seed)
         return finish_answer("".join(stream), stream, tools)

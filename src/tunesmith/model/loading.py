@@ -52,7 +52,6 @@ def is_quantized(model: Any) -> bool:
 
 
 def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any = None) -> Any:
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = cfg.model.model_name_or_path
@@ -70,9 +69,8 @@ def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any =
                         fix="use the unquantized base model", reason="quantized model")
     if for_training:
         model.config.use_cache = False
-    else:
-        model.eval()
-    torch.set_grad_enabled(for_training)
+    else:  # frozen: no autograd graph is built through it (and no global switch is flipped)
+        model.eval().requires_grad_(False)
     return model
 
 

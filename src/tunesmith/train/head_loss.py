@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunesmith.data.encode import IGNORE
+
 log = logging.getLogger("tunesmith.train")
-IGNORE = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MB in fp32)
 
 

@@ -16,7 +16,6 @@ from tunesmith.data.pipeline import Datasets, EncodedSet, build_datasets
 
 log = logging.getLogger("tunesmith.train")
 
-HALF_PRECISION_CPU_BUCKET = 64
 
 
 @dataclass
@@ -105,7 +104,9 @@ def shape_bucket(cfg: Config, device: Any) -> int:
     """bf16/fp16 CPU kernels keep compiled code for every matrix shape they meet (measured: about 2 MB per shape,
     2 GB after a few hundred token counts); rounding rows to multiples of 64 tokens keeps that bounded."""
     half = cfg.training.bf16 or cfg.training.fp16
-    return HALF_PRECISION_CPU_BUCKET if half and torch.device(device).type == "cpu" else 1
+    from tunesmith.model.attention import HALF_PRECISION_BUCKET
+
+    return HALF_PRECISION_BUCKET if half and torch.device(device).type == "cpu" else 1
 
 
 def last_layer_at_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:

@@ -1,0 +1,88 @@
+"""What an engine hands back for one chat answer: a stream of text pieces with its token count and finish
+reason, and the whole answer with tool calls parsed out. Shared by the transformers and vLLM engines."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+from tunesmith.data.conversation import ToolCall
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Split a model's answer into its text and the tool calls written in the template's tool format
+    (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`). Malformed calls stay in the text."""
+    calls, kept = [], text
+    for match in TOOL_CALL_RE.finditer(text):
+        try:
+            data = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(data, dict) and isinstance(data.get("name"), str):
+            arguments = data.get("arguments", {})
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    continue
+            calls.append(ToolCall(data["name"], arguments if isinstance(arguments, dict) else {}))
+            kept = kept.replace(match.group(0), "")
+    return kept.strip(), calls
+
+
+@dataclass
+class Answer:
+    text: str
+    tool_calls: list[ToolCall]
+    completion_tokens: int
+    finish_reason: str  # stop | length | tool_calls
+
+
+class GenerationFailed(RuntimeError):
+    """generate() raised in its worker thread; the stream ended and the model is free again."""
+
+
+class Stream:
+    """Text pieces of one answer as they are generated (its generation runs in a thread of its own). Once
+    exhausted, `completion_tokens` is the number of tokens the model generated and `finish_reason` is `length`
+    when max_new_tokens cut the answer, else `stop`. `cancel()` asks the generation to stop (from any thread);
+    `join()` waits for its thread; `close()` does both from the reading thread."""
+
+    def __init__(self, pieces: Iterator[str], stop_event: threading.Event | None = None,
+                 worker: threading.Thread | None = None):
+        self._pieces = pieces
+        self.stop_event = stop_event or threading.Event()
+        self.worker = worker
+        self.completion_tokens = 0
+        self.finish_reason = "stop"
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def cancel(self) -> None:
+        self.stop_event.set()
+
+    def join(self) -> None:
+        if self.worker is not None:
+            self.worker.join()
+
+    def close(self) -> None:
+        self.cancel()
+        self._pieces.close()  # type: ignore[attr-defined]
+        self.join()
+
+
+def finish_answer(text: str, stream: Stream, tools: bool) -> Answer:
+    """The whole answer: tool calls parsed out of the text when the request offered tools."""
+    calls: list[ToolCall] = []
+    if tools:
+        text, calls = parse_tool_calls(text)
+    return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason)
