@@ -261,3 +261,36 @@ def test_bf16_on_a_cpu_without_it_computes_in_fp32_once_warned(tmp_path, tiny_mo
     assert inference_dtype(load_config([f"model_name_or_path={TINY_MODEL}", "allow_slow_bf16=true"])) == "auto"
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert inference_dtype(load_config([f"model_name_or_path={TINY_MODEL}", "infer_dtype=bfloat16"])) == torch.bfloat16
+
+
+def test_the_thread_governor_follows_the_free_cores(monkeypatch):
+    from tunesmith.train import cpu_threads
+
+    monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(cpu_threads.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))
+    monkeypatch.setattr(cpu_threads, "_machine", lambda: (0.0, 2))
+    threads = [2]
+    governor = cpu_threads.ThreadGovernor()
+    # (wall s, machine busy CPU s, this process's CPU s): another process keeps one core busy, then goes idle
+    samples = iter([(1.0, 2.0, 1.0), (2.0, 3.9, 1.9), (3.0, 4.8, 2.8), (3.5, 5.0, 3.0)])
+    governor.last = (0.0, 0.0, 0.0)
+    monkeypatch.setattr(governor, "_sample", lambda: next(samples))
+    governor.after_step()
+    assert threads == [1]  # 2 - 1 busy core elsewhere
+    governor.after_step()
+    assert threads == [1]  # still busy (1.9 - 0.9 = 1.0 core)
+    governor.after_step()
+    assert threads == [2]  # the other process went idle: all cores again
+    governor.after_step()  # under WINDOW_S since the last reading: nothing changes
+    assert threads == [2]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cpu_threads.make_governor("cpu", 1, 1) is None  # the user's setting wins
+
+
+def test_a_command_prints_no_foreign_warnings(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tunesmith.cli", "export", f"model_name_or_path={TINY_MODEL}",
+                             f"export_dir={tmp_path / 'out'}", "template=chatml"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for noise in ("FutureWarning", "DeprecationWarning", "[WARNING]", "Loading weights"):
+        assert noise not in result.stderr, result.stderr
