@@ -162,7 +162,8 @@ def run_tool(tool: str, name: str, dtype: str, work: Path, lf_cli: Path) -> tupl
         # cores): the same gradients, a bounded activation peak (LLaMA-Factory's default memory saver is
         # gradient checkpointing, which recomputes the forward). bf16 activations are half the size: 2 x cutoff.
         cfg.update(template="vanilla", disable_tqdm=True, data_cache_dir=str(work / "cache"), parallel_passes=2,
-                   max_tokens_per_forward=cfg["cutoff_len"] * (4 if dtype == "bf16" else 3) // 2)
+                   max_tokens_per_forward=cfg["cutoff_len"] * (4 if dtype == "bf16" else 3) // 2,
+                   allow_slow_bf16=True)  # the same arithmetic as LLaMA-Factory's, even where bf16 is emulated
         cmd = [sys.executable, "-m", "tunesmith.cli", "train"]
     else:
         cfg.update(template="empty", use_cpu=True, do_eval=False, eval_strategy="no",
@@ -226,7 +227,7 @@ def mfu_case(work: Path, dtype: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = job(model, data, out, dtype == "bf16") | {"finetuning_type": "full", "template": "vanilla",
                                                     "disable_tqdm": True, "data_cache_dir": str(work / "cache"),
-                                                    "learning_rate": 1e-5}
+                                                    "learning_rate": 1e-5, "allow_slow_bf16": True}
     path = work / f"mfu-{dtype}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_measured([sys.executable, "-m", "tunesmith.cli", "train", str(path)], work / f"mfu-{dtype}.log")
