@@ -73,7 +73,9 @@ def preflight(command: str, cfg: Config) -> None:
             problems += validate.check_data(cfg) + validate.check_finetuning(cfg) + validate.check_training(cfg)
         problems += check_output_dir(cfg) + check_datasets(cfg)
     elif command in ("predict", "data"):
-        problems += check_output_dir(cfg) * (command == "predict") + check_datasets(cfg)
+        problems += check_datasets(cfg)
+        if command == "predict":
+            problems += check_output_dir(cfg)
     if command in ("predict", "chat", "serve", "export", "eval", "data"):
         problems += validate.check_finetuning(cfg)
     if problems:

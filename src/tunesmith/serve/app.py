@@ -197,13 +197,15 @@ def create_app(engine: ChatEngine, cfg: Config) -> FastAPI:
             turns.release_after(stream)
         return completion(model_name, choices, len(prompt), used)
 
-    async def read_all(stream: Stream, request: Request) -> str:
-        text = ""
+    async def pieces(stream: Stream, request: Request) -> Any:
+        """The stream's pieces, read in a worker thread; ClientGone once the client has disconnected."""
         while (piece := await asyncio.to_thread(next, stream, None)) is not None:
-            text += piece
             if await request.is_disconnected():
                 raise ClientGone()
-        return text
+            yield piece
+
+    async def read_all(stream: Stream, request: Request) -> str:
+        return "".join([piece async for piece in pieces(stream, request)])
 
     async def events(request: Request, prompt: list[int], gen: Any, stops: list[str], body: dict,
                      current: dict[str, Stream | None]) -> Any:
@@ -223,9 +225,7 @@ def create_app(engine: ChatEngine, cfg: Config) -> FastAPI:
                         yield chunk(completion_id, model_name, delta, None, i)
                     finish = answer.finish_reason
                 else:
-                    while (piece := await asyncio.to_thread(next, stream, None)) is not None:
-                        if await request.is_disconnected():
-                            return
+                    async for piece in pieces(stream, request):
                         yield chunk(completion_id, model_name, {"content": piece}, None, i)
                     finish = stream.finish_reason
                 used += stream.completion_tokens

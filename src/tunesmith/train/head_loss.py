@@ -9,8 +9,9 @@ the head right away (the products the backward would run), so the memory of the 
 The model keeps its forward: `PassThroughHead` takes the place of the output head (same parameter names, so
 state dicts and adapters do not change) and, while training, hands the hidden states through, so the model's
 "logits" are hidden states and the losses call `token_nll` with the head's weight. Installed at setup after a
-check on the loaded model that the chunked loss and its gradients equal the plain ones (models that post-process
-their logits, e.g. with soft-capping, fail the check and keep the plain path), and not under ZeRO-3 or FSDP,
+check on the loaded model that the chunked per-position loss equals the one from the model's own logits (models
+that post-process their logits, e.g. with soft-capping, fail the check and keep the plain path; the gradients
+are tested in tests/test_head_loss.py), and not under ZeRO-3 or FSDP,
 which gather the head's weight only inside its own forward.
 """
 
@@ -117,11 +118,14 @@ def chunk_for(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def token_nll(hidden: torch.Tensor, head: "PassThroughHead", targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [..., H] and targets [...] -> per-position NLL (fp32) and argmax hits, shaped like targets."""
+def token_nll(hidden: torch.Tensor, head: "PassThroughHead", targets: torch.Tensor,
+              summed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [..., H] and targets [...] -> per-position NLL (fp32) and argmax hits, shaped like targets.
+    `summed`: the caller sums the NLL into its loss (pt/sft), so the gradients can be formed in the forward;
+    false where positions are weighed differently (dpo's per-sequence terms)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     nll, hits = ChunkedTokenNLL.apply(flat, head.weight, head.bias, targets.reshape(-1),
-                                      chunk_for(head.weight.shape[0]), torch.is_grad_enabled())
+                                      chunk_for(head.weight.shape[0]), summed and torch.is_grad_enabled())
     return nll.view(targets.shape), hits.view(targets.shape)
 
 
@@ -133,7 +137,6 @@ class PassThroughHead(nn.Module):
         self.weight = head.weight
         self.bias = head.bias
         self.passing = False
-        self.original = [head]  # in a list: not a child, its parameters are already ours
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.passing else F.linear(hidden, self.weight, self.bias)
@@ -148,7 +151,7 @@ def installed_head(model: Any) -> PassThroughHead | None:
 
 def install(model: Any, check: Any) -> bool:
     """Replace a plain nn.Linear output head by PassThroughHead when `check(model)` (which compares the chunked
-    loss and gradients with the plain ones) passes; True when installed."""
+    loss with the plain one) passes; True when installed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not nn.Linear:

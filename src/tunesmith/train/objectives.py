@@ -51,7 +51,7 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
                 **{BOUNDS_KWARG: batch.seq_bounds})
     head = installed_head(model)
     if head is not None:  # hidden states handed through: head + log-softmax in chunks
-        logp = -token_nll(out.logits[0], head, batch.targets[0, keep])[0]
+        logp = -token_nll(out.logits[0], head, batch.targets[0, keep], summed=False)[0]
     else:
         logits = out.logits[0].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[0, keep][:, None]).squeeze(-1)
