@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from tunesmith.model.attention import BOUNDS_KWARG, causal_attention, varlen_sdpa  # noqa: E402
+from tunesmith.model.attention import BOUNDS_KWARG, attention_function, cpu_causal  # noqa: E402
 from tunesmith.runtime import describe_cpu  # noqa: E402
 
 
 def sliced(q, k, v, bounds):  # the earlier code: one slice of each tensor per sample
-    pieces = [causal_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, None, False)
+    pieces = [cpu_causal(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, None, False)
               for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.cat(pieces, dim=2)
 
@@ -40,11 +40,12 @@ def timed(fn, rows: int, length: int, reps: int = 3) -> float:
 
 
 def main() -> None:
+    packed = attention_function("cpu")
     short = [64 * i for i in range(129)]
     cases = {
-        "packed_128x64_split": (1, 8192, lambda q, k, v: varlen_sdpa(None, q, k, v, None, **{BOUNDS_KWARG: short})[0]),
+        "packed_128x64_split": (1, 8192, lambda q, k, v: packed(None, q, k, v, None, **{BOUNDS_KWARG: short})[0]),
         "packed_128x64_sliced": (1, 8192, lambda q, k, v: sliced(q, k, v, short)),
-        "unpacked_8x1024": (8, 1024, lambda q, k, v: varlen_sdpa(None, q, k, v, None)[0]),
+        "unpacked_8x1024": (8, 1024, lambda q, k, v: packed(None, q, k, v, None)[0]),
     }
     for name, (rows, length, fn) in cases.items():
         seconds = timed(fn, rows, length)

@@ -82,7 +82,7 @@ def test_pack_units_respects_capacity():
 def test_padding_free_check_accepts_honest_models_and_rejects_leaky_ones(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.setup import padding_free_works
+    from tunesmith.train.kernels import padding_free_works
 
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype)
@@ -117,7 +117,7 @@ def test_blocked_cpu_attention_matches_sdpa(kv_heads, length):
     for dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 6e-2)):
         assert 4 * length**2 <= attention.BLOCKED_MAX_PROBS[dtype]  # the blocked path is the one under test
         inputs = [t.to(dtype, copy=True).requires_grad_() for t in (q32, k32, v32)]
-        got = attention.causal_attention(*inputs, dropout=0.0, scaling=None, gqa=kv_heads != 4)
+        got = attention.cpu_causal(*inputs, dropout=0.0, scaling=None, gqa=kv_heads != 4)
         got.float().pow(2).sum().backward()
         torch.testing.assert_close(got.float(), expected.detach(), rtol=0, atol=atol / 2)
         for h, r in zip(inputs, reference):
@@ -126,7 +126,7 @@ def test_blocked_cpu_attention_matches_sdpa(kv_heads, length):
         torch.testing.assert_close(got[0, :, 0].float(), inputs[2][0, :, 0].float().repeat_interleave(4 // kv_heads, 0))
     # keys that need no gradient (the first layer under LoRA on q/v) leave the other gradients as they were
     q, v = (t.clone().requires_grad_() for t in (q32, v32))
-    attention.causal_attention(q, k32, v, dropout=0.0, scaling=None, gqa=kv_heads != 4).pow(2).sum().backward()
+    attention.cpu_causal(q, k32, v, dropout=0.0, scaling=None, gqa=kv_heads != 4).pow(2).sum().backward()
     torch.testing.assert_close(q.grad, reference[0].grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v.grad, reference[2].grad, rtol=1e-5, atol=1e-5)
 

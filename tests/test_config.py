@@ -74,7 +74,7 @@ def test_impossible_combinations(tmp_path):
     text = "\n".join(err.value.problems)
     assert "`load_best_model_at_end` needs evaluation" in text
     assert "`fp16` needs a CUDA GPU" in text
-    assert "`predict_with_generate` only applies to `stage: sft`" in text
+    assert "`predict_with_generate` does not apply to `stage: pt`" in text
 
 
 def test_load_best_needs_matching_schedule():

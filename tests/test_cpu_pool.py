@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux", reason="the pool i
 # In a fresh process: the pool is torch's CPU allocator from installation to exit.
 PLACEMENT = """
 import torch
-from tunesmith.train import cpu_pool
+from tunesmith.train.cpu import pool as cpu_pool
 assert cpu_pool.install()
 MB = 2**20
 def stats():
@@ -59,7 +59,7 @@ def test_pool_places_blocks_best_fit_and_merges_them_back():
 # grows by the whole second round; the pool merges them and grows only by the difference.
 REUSE = """
 import ctypes, ctypes.util, sys, torch
-from tunesmith.train import cpu_pool
+from tunesmith.train.cpu import pool as cpu_pool
 if sys.argv[1] == "pool":
     assert cpu_pool.install()
 else:
@@ -91,7 +91,7 @@ def test_pool_reuses_freed_blocks_where_a_fragmented_heap_grows():
 
 PROFILED = """
 import torch
-from tunesmith.train import cpu_pool
+from tunesmith.train.cpu import pool as cpu_pool
 assert cpu_pool.install()
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
     x = torch.ones(2**20)          # 4 MB: the pool's
@@ -131,7 +131,7 @@ def no_compiler(*args, **kwargs):
     raise RuntimeError("Error building extension: c++: not found")
 cpp_extension.load = no_compiler
 logging.basicConfig(level=logging.WARNING)
-from tunesmith.train import cpu_pool
+from tunesmith.train.cpu import pool as cpu_pool
 print(cpu_pool.install(), cpu_pool.stats(), cpu_pool.release(), float(torch.ones(2**20).sum()))
 """
 

@@ -12,6 +12,7 @@ from tunesmith.config import load_config
 from tunesmith.data.conversation import Conversation, Message
 from tunesmith.data.encode import IGNORE, Dropped, encode_chat
 from tunesmith.data.errors import DataError
+from tunesmith import stages
 from tunesmith.data.pipeline import build_datasets, mix, split_eval
 from tunesmith.data.templates import load_template
 
@@ -25,7 +26,7 @@ def cfg_for(tmp_path, dataset, **overrides):
 def build(tmp_path, tokenizer, dataset, template="chatml", **overrides):
     cfg = cfg_for(tmp_path, dataset, template=template, **overrides)
     tmpl = None if cfg.finetuning.stage == "pt" else load_template(template, tokenizer)
-    return build_datasets(cfg, tokenizer, tmpl, use_cache=False)
+    return build_datasets(cfg, tokenizer, tmpl, stages.get(cfg.finetuning.stage).rows, use_cache=False)
 
 
 def decoded_labels(data, i, tokenizer):
@@ -61,7 +62,7 @@ def test_sharegpt_openai_and_custom_columns(tmp_path, tokenizer):
 def test_tool_calling_sharegpt(tmp_path, tokenizer):
     cfg = load_config([f"model_name_or_path={TINY_MODEL}", "dataset=glaive_toolcall_demo", f"dataset_dir={DATA_DIR}",
                        "template=chatml", "max_samples=5", "cutoff_len=1024"])
-    data = build_datasets(cfg, tokenizer, load_template("chatml", tokenizer), use_cache=False)
+    data = build_datasets(cfg, tokenizer, load_template("chatml", tokenizer), "chat", use_cache=False)
     text = tokenizer.decode(data.train[0][0].tolist())
     assert '"name": "get_weather"' in text and "<tool_call>" in text and "<|im_start|>tool\n" in text
 
@@ -95,7 +96,7 @@ def test_ranking_rows_become_chosen_and_rejected(tmp_path):
     from tunesmith.data.registry import resolve
 
     spec = resolve("preference_demo", str(DATA_DIR))[0]
-    conv = to_conversation(spec, RawRow("x", 1, {"instruction": "Q", "chosen": "good", "rejected": "bad"}), "rm")
+    conv = to_conversation(spec, RawRow("x", 1, {"instruction": "Q", "chosen": "good", "rejected": "bad"}), "pairs")
     assert conv.messages == [Message("user", "Q")]
     assert (conv.chosen.content, conv.rejected.content) == ("good", "bad")
 
@@ -131,15 +132,15 @@ def test_cache_is_reused_and_rebuilt(tmp_path, tokenizer):
     write_dataset(tmp_path, "a", [{"instruction": "q", "output": "a"}])
     cfg = cfg_for(tmp_path, "a", template="chatml")
     tmpl = load_template("chatml", tokenizer)
-    first = build_datasets(cfg, tokenizer, tmpl)
+    first = build_datasets(cfg, tokenizer, tmpl, "chat")
     assert first.train_conversations is not None  # freshly built
-    second = build_datasets(cfg, tokenizer, tmpl)
+    second = build_datasets(cfg, tokenizer, tmpl, "chat")
     assert second.train_conversations is None and second.cache_path == first.cache_path
     cfg.data.overwrite_cache = True
-    assert build_datasets(cfg, tokenizer, tmpl).train_conversations is not None
+    assert build_datasets(cfg, tokenizer, tmpl, "chat").train_conversations is not None
     write_dataset(tmp_path, "a", [{"instruction": "q", "output": "changed"}])
     cfg.data.overwrite_cache = False
-    assert build_datasets(cfg, tokenizer, tmpl).cache_path != first.cache_path
+    assert build_datasets(cfg, tokenizer, tmpl, "chat").cache_path != first.cache_path
 
 
 # ----------------------------------------------------------------------------- truncation

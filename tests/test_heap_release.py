@@ -13,7 +13,7 @@ import pytest
 # heap cannot shrink past the small ones and keeps about 200 MB of free pages resident.
 SCRIPT = """
 import ctypes, ctypes.util, torch
-from tunesmith.train.memory import release_free_heap
+from tunesmith.train.cpu.heap import release_free_heap
 def rss():
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024

@@ -50,7 +50,8 @@ def reference_losses(model_dir, tokenizer, data_dir, stage, steps, batch_size, s
 
     cfg = load_config([f"model_name_or_path={model_dir}", f"dataset_dir={data_dir}", "cutoff_len=64", f"stage={stage}",
                        f"dataset={'sft' if stage == 'sft' else 'corpus'}", f"seed={seed}"])
-    data = build_datasets(cfg, tokenizer, None if stage == "pt" else load_template("chatml", tokenizer), use_cache=False)
+    data = build_datasets(cfg, tokenizer, None if stage == "pt" else load_template("chatml", tokenizer),
+                          "text" if stage == "pt" else "chat", use_cache=False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
@@ -106,7 +107,7 @@ def test_accumulation_is_equivalent_to_a_bigger_batch(tmp_path, tiny_model_dir, 
 
 
 def test_parallel_passes_are_reproducible_and_deal_work_by_cost(tmp_path, tiny_model_dir, data_dir):
-    from tunesmith.train.parallel_passes import deal_to_workers
+    from tunesmith.train.cpu.parallel_passes import deal_to_workers
 
     lengths = np.array([10, 40, 30, 20])
     window = [[[0], [1]], [[2], [3]]]
@@ -142,13 +143,20 @@ def test_parallel_passes_refuse_what_they_cannot_run():
 
     from tunesmith.config import load_config
     from tunesmith.config.loader import ConfigError
-    from tunesmith.train.recipe import make_pass_pool
+    from tunesmith.train.cpu import CPUProfile
+    from tunesmith.train.passes import SerialPasses
+    from tunesmith.train.profile import Profile
 
     cfg = load_config(["parallel_passes=2"])
-    acc = SimpleNamespace(device=torch.device("cuda"), num_processes=2, scaler=None)
-    with pytest.raises(ConfigError, match="the device is cuda, 2 processes run.*set `parallel_passes: 1`"):
-        make_pass_pool(cfg, SimpleNamespace(accelerator=acc, stepper=None))
-    assert make_pass_pool(load_config([]), SimpleNamespace(accelerator=acc, stepper=None)) is None
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=2, scaler=None)
+    setup = SimpleNamespace(accelerator=acc, stepper=SimpleNamespace(owns_backward=True),
+                            data=SimpleNamespace(train=SimpleNamespace(lengths=np.array([3]))))
+    with pytest.raises(ConfigError, match="2 processes run, DeepSpeed/FSDP owns the backward.*set `parallel_passes: 1`"):
+        CPUProfile(cfg).prepare(setup)
+    with pytest.raises(ConfigError, match="the device is cuda: set `parallel_passes: 1`"):
+        Profile(cfg).prepare(SimpleNamespace(**{**vars(setup), "accelerator": SimpleNamespace(
+            device=torch.device("cuda"), num_processes=1)}))
+    assert isinstance(CPUProfile(load_config([])).prepare(setup), SerialPasses)
 
 
 def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir, data_dir):
@@ -314,7 +322,7 @@ def test_compute_accuracy_counts_argmax_hits(tmp_path, tiny_model_dir, data_dir,
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
     cfg = load_config([f"model_name_or_path={TINY_MODEL}", "dataset=corpus_demo", f"dataset_dir={DATA_DIR}",
                        "stage=pt", "cutoff_len=64", "max_samples=6"])
-    data = build_datasets(cfg, tokenizer, None, use_cache=False).train
+    data = build_datasets(cfg, tokenizer, None, "text", use_cache=False).train
     batch = collate(data, [[i] for i in range(len(data))], True, 0)
     correct = []
     with torch.no_grad():

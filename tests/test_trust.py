@@ -264,7 +264,7 @@ def test_bf16_on_a_cpu_without_it_computes_in_fp32_once_warned(tmp_path, tiny_mo
 
 
 def test_the_thread_governor_follows_the_free_cores(monkeypatch):
-    from tunesmith.train import cpu_threads
+    from tunesmith.train.cpu import threads as cpu_threads
 
     monkeypatch.setattr(cpu_threads.torch, "get_num_threads", lambda: threads[0])
     monkeypatch.setattr(cpu_threads.torch, "set_num_threads", lambda n: threads.__setitem__(0, n))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 USAGE = """usage: tunesmith <command> [config.yaml] [key=value ...] [--key value ...]
 
 commands:
-  train     fine-tune a model (stages pt, sft, rm, dpo) with lora, freeze or full tuning
+  train     fine-tune a model (stages {stages}) with lora, freeze or full tuning
   predict   generate over a dataset with the training template; BLEU / ROUGE / exact match
   eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
   chat      talk to a model in the terminal
@@ -24,6 +24,12 @@ commands:
 
 Run `tunesmith <command> --help` for every setting the command accepts.
 """
+
+
+def usage() -> str:
+    from tunesmith.stages import NAMES
+
+    return USAGE.format(stages=", ".join(NAMES))
 
 
 @dataclass
@@ -49,7 +55,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command("tunesmith.export", ["model", "finetuning", "export", "logging"],
                       "Merge adapters into the base model and write a standard Hugging Face model folder.",
                       {"verify": False, "force": False}),
-    "data": Command("tunesmith.data.inspect", ["model", "data", "finetuning", "logging"],
+    "data": Command("tunesmith.preview", ["model", "data", "finetuning", "logging"],
                     "Load, validate and tokenize datasets; print a summary and one rendered example.",
                     {"dump": True}),
 }
@@ -79,7 +85,7 @@ def split_extras(argv: list[str], extras: dict[str, bool]) -> tuple[list[str], d
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name in ("version", "--version", "-V"):
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunesmith {__version__}")
         return 0
     if name not in COMMANDS:
-        print(f"error: unknown command `{name}`\n\n{USAGE}", file=sys.stderr)
+        print(f"error: unknown command `{name}`\n\n{usage()}", file=sys.stderr)
         return 2
     command = COMMANDS[name]
     if "-h" in rest or "--help" in rest:

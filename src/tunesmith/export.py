@@ -169,7 +169,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     if e.export_dtype != "auto":
         model = model.to(DTYPES[e.export_dtype])
     final_dtype = next(model.parameters()).dtype
-    tokenizer, template = load_inference_tokenizer(cfg)
+    tokenizer, template = load_inference_tokenizer(cfg, fallback=None)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write_folder(model, tokenizer, template, cfg, final_dtype, tmp)

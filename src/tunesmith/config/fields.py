@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tunesmith.stages import NAMES as STAGE_NAMES
+from tunesmith.stages import summary as stage_summary
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its help text; mutable defaults are copied per instance."""
@@ -96,8 +99,7 @@ class DataArgs:
 class FinetuningArgs:
     """What is trained and how."""
 
-    stage: Literal["pt", "sft", "rm", "dpo"] = opt(
-        "sft", "Training stage: pre-training, supervised tuning, reward model or direct preference optimisation.")
+    stage: Literal[STAGE_NAMES] = opt("sft", "Training stage: " + stage_summary() + ".")
     finetuning_type: Literal["lora", "freeze", "full"] = opt("lora", "Which parameters train.")
     lora_target: str = opt(
         "all", "Modules that get LoRA: comma separated names (q_proj,v_proj) or `all` (every linear layer but "

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunesmith import stages
 from tunesmith.config.fields import Config
 from tunesmith.config.loader import ConfigError
+
+
+def generating_stages() -> list[str]:
+    return [name for name in stages.NAMES if stages.get(name).predict == "generate"]
 
 
 def _cuda_available() -> bool:
@@ -38,13 +43,7 @@ def check_data(cfg: Config, need_dataset: bool = True) -> list[str]:
         problems.append(f"`max_samples` must be positive, got {d.max_samples}")
     if d.interleave_probs and d.mix_strategy == "concat":
         problems.append("`interleave_probs` needs `mix_strategy: interleave_under` or `interleave_over`")
-    if cfg.finetuning.stage in ("rm", "dpo") and d.packing:
-        problems.append(f"`packing` does not apply to `stage: {cfg.finetuning.stage}` (pairs are kept whole)")
-    if cfg.finetuning.stage == "dpo" and cfg.finetuning.pref_beta <= 0:
-        problems.append(f"`pref_beta` must be positive, got {cfg.finetuning.pref_beta}")
-    if cfg.finetuning.stage == "pt" and (d.train_on_prompt or d.mask_history):
-        problems.append("`train_on_prompt` and `mask_history` apply to sft, not pt (pt trains on every token)")
-    return problems
+    return problems + stages.get(cfg.finetuning.stage).check(cfg)
 
 
 def check_training(cfg: Config) -> list[str]:
@@ -95,8 +94,9 @@ def check_training(cfg: Config) -> list[str]:
         kwargs = t.lr_scheduler_kwargs
         if not ({"min_lr", "min_lr_rate"} & set(kwargs)):
             problems.append("`cosine_with_min_lr` needs `lr_scheduler_kwargs: {min_lr_rate: 0.1}` (or min_lr)")
-    if cfg.generation.predict_with_generate and cfg.finetuning.stage != "sft":
-        problems.append("`predict_with_generate` only applies to `stage: sft`")
+    if cfg.generation.predict_with_generate and stages.get(cfg.finetuning.stage).predict != "generate":
+        problems.append(f"`predict_with_generate` does not apply to `stage: {cfg.finetuning.stage}`: it needs a "
+                        "stage that generates answers (" + ", ".join(generating_stages()) + ")")
     if t.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401

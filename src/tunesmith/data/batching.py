@@ -101,7 +101,7 @@ def pack_by_tokens(units: list[list[int]], lengths: np.ndarray, budget: int) -> 
     """Whole units in as few groups of at most `budget` tokens as first-fit decreasing finds (a longer unit goes
     alone): the passes of one optimizer step. The loss is normalised by the step's token count, so passes over
     the groups give the step's gradients, however its micro-batches are regrouped; fuller passes mean fewer,
-    larger kernels (tiny fp32 benchmark model: +4-11% tokens/s in-process over cutting each micro-batch alone)."""
+    larger kernels."""
     sized = sorted(((int(sum(lengths[i] for i in unit)), unit) for unit in units),
                    key=lambda pair: -pair[0])  # stable: equal sizes keep their order
     return first_fit([unit for _, unit in sized], [n for n, _ in sized], budget) or [[]]

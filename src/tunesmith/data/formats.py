@@ -209,17 +209,19 @@ def to_text(ctx: RowContext) -> str:
     return "\n".join(m.content for m in from_sharegpt(ctx).messages)
 
 
-def to_conversation(spec: DatasetSpec, raw: RawRow, stage: str, allow_unanswered: bool = False) -> Conversation:
-    """`allow_unanswered`: for prediction, a conversation may end with the user's turn."""
+def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered: bool = False) -> Conversation:
+    """A row as `rows` asks (the stage's data kind): "text", "chat" or "pairs" (a chosen and a rejected answer).
+    `allow_unanswered`: for prediction, a conversation may end with the user's turn."""
     ctx = RowContext(spec, raw, allow_unanswered)
-    if stage == "pt":
+    if rows == "text":
         text = to_text(ctx)
         if not text.strip():
             raise ctx.error("empty text", reason="empty text")
         return Conversation(text=text)
-    if spec.ranking != (stage in ("rm", "dpo")):
-        need = "a ranking dataset (`ranking: true`)" if stage in ("rm", "dpo") else "a non-ranking dataset"
-        raise DataError(f"stage `{stage}` needs {need}; `{spec.name}` is not", file=str(spec.base_dir /
+    if spec.ranking != (rows == "pairs"):
+        need = ("preference pairs: a ranking dataset (`ranking: true`)" if rows == "pairs" else
+                "conversations: a non-ranking dataset")
+        raise DataError(f"this stage trains on {need}; `{spec.name}` is not", file=str(spec.base_dir /
                         "dataset_info.json"), field=spec.name, reason="bad registry")
     conv = from_alpaca(ctx) if spec.formatting == "alpaca" else from_sharegpt(ctx)
     check_responses(ctx, conv)

@@ -1,4 +1,4 @@
-"""Preference pairs (stages rm and dpo): the prompt with the chosen answer and with the rejected one.
+"""Preference pairs (data kind `pairs`): the prompt with the chosen answer and with the rejected one.
 
 Both sequences are encoded like sft samples with only the final answer supervised. A micro-batch of b pairs is
 one padding-free row laid out chosen_1, rejected_1, chosen_2, rejected_2, ...
@@ -24,7 +24,7 @@ class PairBatch:
     targets: torch.Tensor        # [1, T]: next token to predict at answer positions, else -100
     seq_bounds: list[int]        # 2b + 1 offsets: sequence k spans seq_bounds[k]:seq_bounds[k+1]
     pair_index: list[int]        # dataset index of each pair (for precomputed reference log-probs)
-    source: int = 0              # id() of the EncodedPairs the pairs come from
+    source: str = "train"        # the split the pairs come from (for precomputed reference log-probs)
     attention_mask: None = None
 
     @property
@@ -43,8 +43,8 @@ class PairBatch:
 class EncodedPairs:
     """chosen[i] and rejected[i] are the two sequences of pair i (each an EncodedSet row)."""
 
-    def __init__(self, chosen: Any, rejected: Any):
-        self.chosen, self.rejected = chosen, rejected
+    def __init__(self, chosen: Any, rejected: Any, split: str = "train"):
+        self.chosen, self.rejected, self.split = chosen, rejected, split
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -58,11 +58,11 @@ class EncodedPairs:
         self.rejected.save(path.with_name(path.stem + "_rejected.npz"))
 
     @classmethod
-    def load(cls, path: Path) -> "EncodedPairs":
+    def load(cls, path: Path, split: str = "train") -> "EncodedPairs":
         from tunesmith.data.pipeline import EncodedSet
 
         return cls(EncodedSet.load(path.with_name(path.stem + "_chosen.npz")),
-                   EncodedSet.load(path.with_name(path.stem + "_rejected.npz")))
+                   EncodedSet.load(path.with_name(path.stem + "_rejected.npz")), split)
 
 
 def encode_pair(conv: Conversation, template: Any, tokenizer: Any, cutoff_len: int, truncation: str) -> tuple:
@@ -89,4 +89,4 @@ def collate_pairs(data: EncodedPairs, units: list[list[int]]) -> PairBatch:
                 positions.append(np.arange(len(seq)))
                 bounds.append(bounds[-1] + len(seq))
     as_row = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))[None]  # noqa: E731
-    return PairBatch(as_row(ids), as_row(positions), as_row(targets), bounds, index, id(data))
+    return PairBatch(as_row(ids), as_row(positions), as_row(targets), bounds, index, data.split)

@@ -24,7 +24,7 @@ from tunesmith.data.registry import DatasetSpec, resolve
 from tunesmith.data.templates import ChatTemplate
 
 log = logging.getLogger("tunesmith.data")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -78,22 +78,23 @@ class EncodedSet:
         np.savez(path, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
 
     @classmethod
-    def load(cls, path: Path) -> "EncodedSet":
+    def load(cls, path: Path, split: str = "train") -> "EncodedSet":
         with np.load(path) as data:
             return cls(data["input_ids"], data["labels"], data["offsets"])
 
 
 @dataclass
 class Datasets:
-    train: EncodedSet  # or EncodedPairs for stages rm and dpo
+    train: EncodedSet  # or EncodedPairs for the data kind `pairs`
     eval: EncodedSet | None
     report: DataReport
     train_conversations: list[Conversation] | None = None  # only when freshly built (not from cache)
     cache_path: Path | None = None
 
 
-def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport,
+def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport, rows: str,
                        allow_unanswered: bool = False) -> list[list[Conversation]]:
+    """Each dataset's rows as `rows` (a stage's data kind: text, chat or pairs), bad rows raised or counted."""
     per_dataset = []
     for spec in specs:
         conversations, limit = [], cfg.data.max_samples
@@ -104,7 +105,7 @@ def load_conversations(specs: list[DatasetSpec], cfg: Config, report: DataReport
             try:
                 if isinstance(raw, DataError):
                     raise raw
-                conversations.append(to_conversation(spec, raw, cfg.finetuning.stage, allow_unanswered))
+                conversations.append(to_conversation(spec, raw, rows, allow_unanswered))
             except DataError as err:
                 if cfg.data.on_bad_row == "error" or err.reason in ("bad registry", "missing file"):
                     if cfg.data.on_bad_row == "error" and err.row is not None:
@@ -153,9 +154,9 @@ def split_eval(items: list[Any], val_size: float, seed: int) -> tuple[list[Any],
 
 
 def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: ChatTemplate | None,
-               report: DataReport) -> Any:
-    if cfg.finetuning.stage in ("rm", "dpo"):
-        return encode_all_pairs(conversations, cfg, tokenizer, template, report)
+               report: DataReport, rows: str, split: str) -> Any:
+    if rows == "pairs":
+        return encode_all_pairs(conversations, cfg, tokenizer, template, report, split)
     d, samples = cfg.data, []
     for conv in conversations:
         try:
@@ -177,7 +178,7 @@ def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, t
 
 
 def encode_all_pairs(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: Any,
-                     report: DataReport) -> Any:
+                     report: DataReport, split: str) -> Any:
     from tunesmith.data.pairs import EncodedPairs, encode_pair
 
     chosen, rejected = [], []
@@ -193,10 +194,10 @@ def encode_all_pairs(conversations: list[Conversation], cfg: Config, tokenizer: 
     if not chosen:
         raise DataError("no preference pairs left after encoding: " + ", ".join(
             f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
-    return EncodedPairs(EncodedSet.from_samples(chosen), EncodedSet.from_samples(rejected))
+    return EncodedPairs(EncodedSet.from_samples(chosen), EncodedSet.from_samples(rejected), split)
 
 
-def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None) -> str:
+def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None, rows: str) -> str:
     def files_of(names: str | None) -> list[Any]:
         if not names:
             return []
@@ -214,7 +215,7 @@ def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None) -> 
         "version": CACHE_VERSION,
         "data": {k: v for k, v in vars(cfg.data).items() if k not in ("overwrite_cache", "data_cache_dir",
                                                                        "preprocessing_num_workers", "packing")},
-        "stage": cfg.finetuning.stage, "seed": cfg.training.seed,
+        "rows": rows, "seed": cfg.training.seed,
         "files": files_of(cfg.data.dataset), "eval_files": files_of(cfg.data.eval_dataset),
         "tokenizer": hashlib.sha256((backend.to_str() if backend else str(tokenizer.get_vocab())).encode()).hexdigest(),
         "template": template.jinja if template else None,
@@ -229,30 +230,32 @@ def cache_root(cfg: Config) -> Path:
     return Path(os.path.expanduser("~/.cache/tunesmith/data"))
 
 
-def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, use_cache: bool = True) -> Datasets:
-    """Everything configured, encoded; from the cache when the inputs have not changed."""
-    cache_dir = cache_root(cfg) / _fingerprint(cfg, tokenizer, template)
+def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, rows: str,
+                   use_cache: bool = True) -> Datasets:
+    """Everything configured, encoded as `rows` asks (text, chat or pairs: the stage's data kind); from the cache
+    when the inputs have not changed."""
+    cache_dir = cache_root(cfg) / _fingerprint(cfg, tokenizer, template, rows)
     if use_cache and not cfg.data.overwrite_cache and (cache_dir / "meta.json").is_file():
         meta = json.loads((cache_dir / "meta.json").read_text())
         kind: Any = EncodedSet
-        if meta.get("pairs"):
+        if rows == "pairs":
             from tunesmith.data.pairs import EncodedPairs as kind
-        eval_set = kind.load(cache_dir / "eval.npz") if meta["has_eval"] else None
+        eval_set = kind.load(cache_dir / "eval.npz", "eval") if meta["has_eval"] else None
         log.info("loaded tokenized data from cache %s", cache_dir)
-        return Datasets(kind.load(cache_dir / "train.npz"), eval_set, DataReport.from_dict(meta["report"]),
+        return Datasets(kind.load(cache_dir / "train.npz", "train"), eval_set, DataReport.from_dict(meta["report"]),
                         cache_path=cache_dir)
     report = DataReport()
     seed = cfg.training.seed
-    train_convs = mix(load_conversations(resolve(cfg.data.dataset or "", cfg.data.dataset_dir), cfg, report),
+    train_convs = mix(load_conversations(resolve(cfg.data.dataset or "", cfg.data.dataset_dir), cfg, report, rows),
                       cfg.data.mix_strategy, cfg.data.interleave_probs, seed)
     eval_convs: list[Conversation] = []
     if cfg.data.eval_dataset:
-        eval_convs = mix(load_conversations(resolve(cfg.data.eval_dataset, cfg.data.dataset_dir), cfg, report),
+        eval_convs = mix(load_conversations(resolve(cfg.data.eval_dataset, cfg.data.dataset_dir), cfg, report, rows),
                          cfg.data.mix_strategy, cfg.data.interleave_probs, seed)
     elif cfg.data.val_size > 0:
         train_convs, eval_convs = split_eval(train_convs, cfg.data.val_size, seed)
-    train = encode_all(train_convs, cfg, tokenizer, template, report)
-    eval_set = encode_all(eval_convs, cfg, tokenizer, template, report) if eval_convs else None
+    train = encode_all(train_convs, cfg, tokenizer, template, report, rows, "train")
+    eval_set = encode_all(eval_convs, cfg, tokenizer, template, report, rows, "eval") if eval_convs else None
     if use_cache:
         _write_cache(cache_dir, train, eval_set, report)
     return Datasets(train, eval_set, report, train_conversations=train_convs, cache_path=cache_dir)
@@ -265,7 +268,7 @@ def _write_cache(cache_dir: Path, train: Any, eval_set: Any, report: DataReport)
     train.save(tmp / "train.npz")
     if eval_set is not None:
         eval_set.save(tmp / "eval.npz")
-    meta = {"has_eval": eval_set is not None, "report": report.to_dict(), "pairs": not isinstance(train, EncodedSet)}
+    meta = {"has_eval": eval_set is not None, "report": report.to_dict()}
     (tmp / "meta.json").write_text(json.dumps(meta))
     if cache_dir.exists():
         import shutil

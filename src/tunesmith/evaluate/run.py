@@ -84,11 +84,7 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     validate_for_eval(cfg)
     e = cfg.eval
     task_name, split, subjects = load_task(e.task, e.task_dir, e.split, e.n_shot, e.subjects)  # type: ignore[arg-type]
-    tokenizer, template = load_inference_tokenizer(cfg)
-    if template is None:
-        from tunesmith.data.templates import load_template
-
-        template = load_template("vanilla", tokenizer)
+    tokenizer, template = load_inference_tokenizer(cfg, fallback="vanilla")
     model = load_for_inference(cfg)
     started = time.time()
     records = evaluate_subjects(model, tokenizer, template, subjects, cfg)

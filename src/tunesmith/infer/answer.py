@@ -7,7 +7,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from tunesmith.data.conversation import ToolCall
 
@@ -86,3 +86,27 @@ def finish_answer(text: str, stream: Stream, tools: bool) -> Answer:
     if tools:
         text, calls = parse_tool_calls(text)
     return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason)
+
+
+class ChatEngineBase:
+    """What the chat engines (transformers, vLLM) share: the inference tokenizer and template, prompt rendering,
+    the shutdown event and whole answers from `stream` (which each engine defines)."""
+
+    def __init__(self, cfg: Any):
+        from tunesmith.model.tokenizer import load_inference_tokenizer
+
+        self.cfg = cfg
+        self.tokenizer, self.template = load_inference_tokenizer(cfg)
+        self.shutdown = threading.Event()  # set when the process is stopping: every generation ends at once
+
+    def prompt_ids(self, conv: Any) -> list[int]:
+        return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
+
+    def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
+               seed: int | None = None) -> Stream:
+        raise NotImplementedError
+
+    def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
+               tools: bool = False) -> Answer:
+        stream = self.stream(prompt, gen, extra_stops, seed=seed)
+        return finish_answer("".join(stream), stream, tools)

@@ -15,8 +15,8 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.config.fields import GenerationArgs
-from tunesmith.data.conversation import Conversation
-from tunesmith.infer.answer import Answer, GenerationFailed, Stream, finish_answer, parse_tool_calls  # noqa: F401
+from tunesmith.infer.answer import (Answer, ChatEngineBase, GenerationFailed, Stream, finish_answer,  # noqa: F401
+                                    parse_tool_calls)
 from tunesmith.infer.hf import stop_ids
 
 
@@ -49,21 +49,13 @@ def _counting_streamer(tokenizer: Any) -> Any:
     return CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-class ChatEngine:
+class ChatEngine(ChatEngineBase):
     def __init__(self, cfg: Config):
-        from tunesmith.data.templates import load_template
         from tunesmith.model.loading import load_for_inference
-        from tunesmith.model.tokenizer import load_inference_tokenizer
 
-        self.cfg = cfg
-        self.tokenizer, template = load_inference_tokenizer(cfg)
-        self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
+        super().__init__(cfg)
         self.model = load_for_inference(cfg)
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
-        self.shutdown = threading.Event()  # set when the process is stopping: every generation ends at once
-
-    def prompt_ids(self, conv: Conversation) -> list[int]:
-        return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
 
     def stream(self, prompt: list[int], gen: GenerationArgs, extra_stops: list[str] | None = None,
                stop_event: threading.Event | None = None, seed: int | None = None) -> Stream:
@@ -124,11 +116,6 @@ class ChatEngine:
             stream.finish_reason = "length" if hit_limit and not stopped_by_text else "stop"
         if failure:
             raise GenerationFailed(f"generation failed: {type(failure[0]).__name__}: {failure[0]}")
-
-    def answer(self, prompt: list[int], gen: GenerationArgs, extra_stops: list[str] | None = None,
-               seed: int | None = None, tools: bool = False) -> Answer:
-        stream = self.stream(prompt, gen, extra_stops, seed=seed)
-        return finish_answer("".join(stream), stream, tools)
 
 
 def generation_for(base: GenerationArgs, max_tokens: int | None, temperature: float | None,

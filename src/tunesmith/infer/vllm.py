@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from tunesmith.config import Config
 from tunesmith.config.fields import GenerationArgs
 from tunesmith.config.loader import ConfigError
 from tunesmith.infer import Generation
-from tunesmith.infer.answer import Stream, finish_answer
+from tunesmith.infer.answer import ChatEngineBase, Stream
 
 
 def import_vllm() -> Any:
@@ -80,23 +79,14 @@ class VLLMEngine:
         return [Generation(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
 
-class VLLMChatEngine:
+class VLLMChatEngine(ChatEngineBase):
     """The ChatEngine interface (chat and serve) on vLLM's offline engine. vLLM's `LLM` returns whole answers,
     so `stream` yields the answer in one piece."""
 
     def __init__(self, cfg: Config):
-        from tunesmith.data.templates import load_template
-        from tunesmith.model.tokenizer import load_inference_tokenizer
-
-        self.cfg = cfg
-        self.tokenizer, template = load_inference_tokenizer(cfg)
-        self.template = template or load_template("default", self.tokenizer, cfg.model.default_system)
+        super().__init__(cfg)
         self.engine = VLLMEngine(cfg, self.template.stop)
         self.max_length = cfg.model.vllm_maxlen
-        self.shutdown = threading.Event()  # the interface's; vLLM's answers come whole
-
-    def prompt_ids(self, conv: Any) -> list[int]:
-        return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
 
     def _generate(self, prompt: list[int], gen: Any, extra_stops: list[str] | None, seed: int | None) -> Any:
         vllm = import_vllm()
@@ -112,8 +102,3 @@ class VLLMChatEngine:
         stream.completion_tokens = len(output.token_ids)
         stream.finish_reason = "length" if output.finish_reason == "length" else "stop"
         return stream
-
-    def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
-               tools: bool = False) -> Any:
-        stream = self.stream(prompt, gen, extra_stops, seed=seed)
-        return finish_answer("".join(stream), stream, tools)

@@ -1,66 +1,125 @@
-"""Padding-free attention for training on the CPU (and GPUs without FlashAttention).
+"""Attention for packed rows: one causal attention per sample, never across samples, no mask.
 
 A packed row holds several samples. SDPA with a block-diagonal mask computes the whole T x T score matrix,
-masked blocks included; attending causally within each sample's slice computes only what is needed (about 3x
-faster on a 2-core CPU for 4 samples per row): SDPA's fused kernels on GPUs, a blocked implementation with a
-written-out backward on CPUs. Registered through transformers' AttentionInterface; without sample bounds a row is
-one sample.
+masked blocks included; attending causally within each sample computes only what is needed. The kernel is
+chosen once at setup (train/kernels.py) and registered through transformers' AttentionInterface:
+
+- `cpu`: a blocked implementation with a written-out backward (`BlockedCausalAttention`) while the attention
+  probabilities stay small, SDPA for longer samples; half-precision samples padded to a multiple of 64 tokens;
+- `sdpa`: PyTorch's fused causal SDPA per sample (GPUs without a varlen kernel);
+- `varlen`: PyTorch's varlen attention (`torch.nn.attention.varlen`, FlashAttention inside, CUDA), the whole row
+  in one call with the sample boundaries as a device tensor built once per batch;
+- `flash_varlen`: FlashAttention's own varlen kernel where the `flash_attn` package is installed.
+
+The sample bounds reach every layer through the model's kwargs (`BOUNDS_KWARG`); without them a row is one sample.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-VARLEN = "tunesmith_varlen"
 BOUNDS_KWARG = "tunesmith_seq_bounds"
+KERNELS = ("cpu", "sdpa", "varlen", "flash_varlen")
 
 
-def varlen_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _bounds(query: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> list[int]:
     bounds = kwargs.get(BOUNDS_KWARG)
-    gqa = key.shape[1] != query.shape[1]
     if bounds is None:  # one unpadded sequence per row: plain causal attention
         if attention_mask is not None:
-            raise ValueError(f"`{VARLEN}` attention takes packed rows with sample bounds, not padding masks")
+            raise ValueError("tunesmith's packed attention takes packed rows with sample bounds, not padding masks")
         bounds = [0, query.shape[2]]
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != query.shape[2]:
         raise ValueError(f"sample bounds {bounds[0]}..{bounds[-1]} do not cover the row of {query.shape[2]} tokens")
+    return bounds
+
+
+def per_sample_attention(sample: Callable[..., torch.Tensor], module: Any, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                         scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """q/k/v (1, heads, T, dim) split once per tensor into samples, `sample` attention on each."""
+    bounds = _bounds(query, attention_mask, kwargs)
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    gqa = key.shape[1] != query.shape[1]
     # One split per tensor: its backward writes every sample's gradient into one buffer, where a slice per sample
     # would make autograd add a full-size zero-filled gradient for each.
-    pieces = [causal_attention(q, k, v, dropout, scaling, gqa)
+    pieces = [sample(q, k, v, dropout, scaling, gqa)
               for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
-# bf16/fp16 CPU kernels keep compiled code per shape (about 2 MB each, measured: 2 GB after 300 lengths); samples
-# are zero-padded at the end to a multiple of this, which causal attention never lets real tokens see.
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None,
+                gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+
+
+class _CuSeqlens:
+    """The batch's sample boundaries as an int32 device tensor, built by the first layer and reused by the
+    others (the bounds list is the same object for every layer of one forward)."""
+
+    def __init__(self) -> None:
+        self.bounds: list[int] | None = None
+        self.tensor: torch.Tensor | None = None
+
+    def __call__(self, bounds: list[int], device: torch.device) -> torch.Tensor:
+        if self.bounds is not bounds or self.tensor is None or self.tensor.device != device:
+            self.bounds, self.tensor = bounds, torch.tensor(bounds, dtype=torch.int32, device=device)
+        return self.tensor
+
+
+_cu_seqlens = _CuSeqlens()
+
+
+def varlen_attention(varlen: Callable[..., torch.Tensor], module: Any, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The whole row in one varlen call: q/k/v (1, heads, T, dim) -> (T, heads, dim)."""
+    if dropout > 0:
+        raise ValueError("the varlen attention kernel takes no attention dropout; set `attn_implementation: sdpa`")
+    bounds = _bounds(query, attention_mask, kwargs)
+    cu = _cu_seqlens(bounds, query.device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    return varlen(q, k, v, cu, longest, scaling, key.shape[1] != query.shape[1])[None], None
+
+
+def _torch_varlen(q, k, v, cu, longest, scaling, gqa):  # type: ignore[no-untyped-def]
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+
+
+def _flash_varlen(q, k, v, cu, longest, scaling, gqa):  # type: ignore[no-untyped-def]
+    from flash_attn import flash_attn_varlen_func  # grouped-query heads are native to it
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, softmax_scale=scaling, causal=True)
+
+
+# bf16/fp16 CPU kernels keep compiled code per shape, which adds up over hundreds of sample lengths; samples are
+# zero-padded at the end to a multiple of this, which causal attention never lets real tokens see.
 HALF_PRECISION_BUCKET = 64
 
-# On the CPU, causal attention over blocks of queries (BlockedCausalAttention) beats PyTorch's fused kernel: forward
-# plus backward, 8 heads of 64, bf16: 1.0 vs 2.8 ms at 128 tokens, 7.4 vs 15.7 at 512, 24.5 vs 33.6 at 1024; fp32:
-# 9.5 vs 13.6 ms at 512. It keeps the attention probabilities (heads x length^2 / 2 values) for the backward, so
-# it is used while those stay small next to the rest of a layer's activations; longer samples use the fused kernel.
+# On the CPU, causal attention over blocks of queries (BlockedCausalAttention) beats PyTorch's fused kernel for
+# short and medium samples (benchmarks/LOG.md). It keeps the attention probabilities (heads x length^2 / 2 values)
+# for the backward, so it is used while those stay small next to the rest of a layer's activations; longer
+# samples use the fused kernel.
 BLOCKED_MAX_PROBS = {torch.bfloat16: 8 * 1024**2, torch.float16: 8 * 1024**2, torch.float32: 8 * 512**2}
 QUERY_BLOCK = 128
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None,
-                     gqa: bool) -> torch.Tensor:
-    """Causal attention of one sample, q/k/v shaped (batch, heads, length, head_dim)."""
+def cpu_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None,
+               gqa: bool) -> torch.Tensor:
+    """Causal attention of one sample on the CPU, q/k/v shaped (batch, heads, length, head_dim)."""
     length = q.shape[2]
-    on_cpu = q.device.type == "cpu"
-    pad = -length % HALF_PRECISION_BUCKET if on_cpu and q.dtype != torch.float32 else 0
+    pad = -length % HALF_PRECISION_BUCKET if q.dtype != torch.float32 else 0
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        return causal_attention(q, k, v, dropout, scaling, gqa)[:, :, :length]
-    if not on_cpu or dropout > 0 or q.shape[1] * length**2 > BLOCKED_MAX_PROBS.get(q.dtype, 0):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling,
-                                              enable_gqa=gqa)
+        return cpu_causal(q, k, v, dropout, scaling, gqa)[:, :, :length]
+    if dropout > 0 or q.shape[1] * length**2 > BLOCKED_MAX_PROBS.get(q.dtype, 0):
+        return sdpa_causal(q, k, v, dropout, scaling, gqa)
     if gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
@@ -127,15 +186,31 @@ class BlockedCausalAttention(torch.autograd.Function):
 
 
 def no_mask(*args: Any, **kwargs: Any) -> None:
-    """Sample bounds replace the mask: building a T x T block-diagonal mask for a 4k-token row costs hundreds of
-    MB of temporary index tensors (measured), for nothing."""
+    """Sample bounds replace the mask: building a T x T block-diagonal mask for a long row costs large temporary
+    index tensors, for nothing."""
     return None
 
 
-def register() -> str:
+def attention_function(kernel: str) -> Callable[..., tuple[torch.Tensor, None]]:
+    if kernel == "cpu":
+        return functools.partial(per_sample_attention, cpu_causal)
+    if kernel == "sdpa":
+        return functools.partial(per_sample_attention, sdpa_causal)
+    if kernel == "varlen":
+        return functools.partial(varlen_attention, _torch_varlen)
+    if kernel == "flash_varlen":
+        return functools.partial(varlen_attention, _flash_varlen)
+    raise ValueError(f"unknown attention kernel `{kernel}` (one of {', '.join(KERNELS)})")
+
+
+def register(kernel: str | None = None) -> str:
+    """Register `kernel` (default: `cpu` without CUDA, else `sdpa`) with transformers; returns the name to set as
+    the model's attention implementation."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(VARLEN, varlen_sdpa)
-    AttentionMaskInterface.register(VARLEN, no_mask)
-    return VARLEN
+    kernel = kernel or ("sdpa" if torch.cuda.is_available() else "cpu")
+    name = f"tunesmith_{kernel}"
+    AttentionInterface.register(name, attention_function(kernel))
+    AttentionMaskInterface.register(name, no_mask)
+    return name

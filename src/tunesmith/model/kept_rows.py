@@ -3,9 +3,8 @@
 The output head already runs only at supervised positions (`logits_to_keep`). One layer down the same holds: the
 last layer's attention needs every position (as keys and values), but what follows it (residual add, norm, MLP)
 is per position, and at a prompt position it feeds only that position's logits, which the loss never reads. So
-after its attention the last layer keeps only the supervised rows: with 40% prompt tokens the benchmark models
-train 7.4% (3 layers) and 3.7% (8 layers) faster in fp32 (in-process A/B, same steps), same loss and gradients
-(tested).
+after its attention the last layer keeps only the supervised rows: the fewer supervised tokens, the more of the
+last layer's MLP is saved (figures in benchmarks/LOG.md), with the same loss and gradients (tested).
 
 Applied to decoder layers whose forward is the pre-norm residual block below (an allow-list), only for training
 with a plain loop (no gradient checkpointing, FSDP or DeepSpeed), and only after a check on the loaded model that

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
-from tunesmith.data.errors import DataError
+from tunesmith.config.loader import ConfigError
 
 log = logging.getLogger("tunesmith.model")
 TEMPLATE_FILE = "tunesmith_template.json"
@@ -47,6 +47,17 @@ def quantization(cfg: Config, compute_dtype: Any) -> dict[str, Any]:
     return {"quantization_config": settings, "device_map": {"": device}}
 
 
+def keep_4bit_layout_on_cpu(model: Any) -> None:
+    """bitsandbytes repacks 4-bit weights for its AVX-512 bf16 CPU kernel the first time a layer runs without
+    gradients, and that repacking assumes the input width is a multiple of the quantization block; layers where
+    it is not keep the standard layout (the same results, without the faster kernel)."""
+    for module in model.modules():
+        quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
+        blocksize = getattr(quant_state, "blocksize", None)
+        if getattr(module, "support_avx512bf16_for_cpu", False) and blocksize and module.in_features % blocksize:
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(model: Any) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None))
 
@@ -61,12 +72,13 @@ def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any =
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
             cache_dir=cfg.model.cache_dir, attn_implementation=_attn(cfg), **quantized)
     except (OSError, ValueError) as err:
-        raise DataError(f"could not load a model from `{path}`: {str(err).splitlines()[0]}",
-                        fix="point `model_name_or_path` at a model folder (config.json and weights)",
-                        reason="missing model") from None
+        raise ConfigError([f"`model_name_or_path`: could not load a model from `{path}`: "
+                           f"{str(err).splitlines()[0]}; point it at a model folder (config.json and weights)"]) from None
     if not quantized and is_quantized(model):
-        raise DataError(f"`{path}` is a quantized model; tunesmith does not train or merge quantized weights yet",
-                        fix="use the unquantized base model", reason="quantized model")
+        raise ConfigError([f"`model_name_or_path`: `{path}` is a quantized model; tunesmith does not train or merge "
+                           "quantized weights yet: use the unquantized base model"])
+    if quantized:
+        keep_4bit_layout_on_cpu(model)
     if for_training:
         model.config.use_cache = False
     else:  # frozen: no autograd graph is built through it (and no global switch is flipped)

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from tunesmith.config import Config
-from tunesmith.data.errors import DataError
+from tunesmith.config.loader import ConfigError
 
 
 def load_tokenizer(cfg: Config) -> Any:
@@ -17,21 +17,21 @@ def load_tokenizer(cfg: Config) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code,
                                                   revision=cfg.model.model_revision, cache_dir=cfg.model.cache_dir)
     except (OSError, ValueError) as err:
-        raise DataError(f"could not load a tokenizer from `{path}`: {err}".splitlines()[0],
-                        fix="point `model_name_or_path` at a folder with tokenizer files (offline: hub ids "
-                            "only work once cached)", reason="missing model") from None
+        raise ConfigError([f"`model_name_or_path`: could not load a tokenizer from `{path}`: {err}".splitlines()[0]
+                           + "; point it at a folder with tokenizer files (offline: hub ids only work once cached)"]
+                          ) from None
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"the tokenizer of `{path}` is a slow (Python) tokenizer; tunesmith needs a fast one "
-                        "for exact loss masks", fix="convert it with transformers (tokenizer.json)",
-                        reason="slow tokenizer")
+        raise ConfigError([f"`model_name_or_path`: the tokenizer of `{path}` is a slow (Python) tokenizer; tunesmith "
+                           "needs a fast one for exact loss masks: convert it with transformers (tokenizer.json)"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_inference_tokenizer(cfg: Config) -> tuple[Any, Any]:
+def load_inference_tokenizer(cfg: Config, fallback: str | None = "default") -> tuple[Any, Any]:
     """Tokenizer and chat template for using a trained model: the tokenizer saved with the (last) adapter when
-    there is one (it carries the training template), else the base model's; `template` other than auto wins."""
+    there is one (it carries the training template), else the base model's; `template` other than auto wins.
+    A model with no template of its own gets the named template `fallback` (None: no template)."""
     from pathlib import Path
 
     from tunesmith.data.templates import load_template
@@ -45,4 +45,6 @@ def load_inference_tokenizer(cfg: Config) -> tuple[Any, Any]:
     if cfg.model.template != "auto" or tokenizer.chat_template:
         template = load_template(cfg.model.template, tokenizer, cfg.model.default_system)
         tokenizer.chat_template = template.jinja
+    elif fallback is not None:
+        template = load_template(fallback, tokenizer, cfg.model.default_system)
     return tokenizer, template

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunesmith import stages
 from tunesmith.config import Config
 from tunesmith.config.validate import check_finetuning, check_model, raise_if
 from tunesmith.data.conversation import Conversation
@@ -25,8 +26,10 @@ def validate_for_predict(cfg: Config) -> None:
         problems.append("`dataset` (or `eval_dataset`) is required: the samples to predict")
     if not cfg.training.output_dir:
         problems.append("`output_dir` is required: where generated_predictions.jsonl goes")
-    if cfg.finetuning.stage not in ("sft", "rm"):
-        problems.append(f"predicting with `stage: {cfg.finetuning.stage}` is not supported; use sft (or rm)")
+    if stages.get(cfg.finetuning.stage).predict is None:
+        usable = [name for name in stages.NAMES if stages.get(name).predict is not None]
+        problems.append(f"predicting with `stage: {cfg.finetuning.stage}` is not supported; use "
+                        + " or ".join(usable))
     if cfg.training.per_device_eval_batch_size < 1:
         problems.append("`per_device_eval_batch_size` must be at least 1")
     raise_if(problems)
@@ -42,7 +45,7 @@ def label_of(conv: Conversation) -> str | None:
 
 
 def predict_rewards(cfg: Config, tokenizer: Any, template: Any, samples: list[Conversation], out: Path) -> int:
-    """stage rm: the chosen and rejected score of every pair, and how often chosen wins."""
+    """A stage that scores (rm): the chosen and rejected score of every pair, and how often chosen wins."""
     from tunesmith.model.loading import load_for_inference
     from tunesmith.model.value_head import HEAD_FILE, score_sequences
 
@@ -73,7 +76,8 @@ def predict_rewards(cfg: Config, tokenizer: Any, template: Any, samples: list[Co
 
 def load_samples(cfg: Config) -> list[Conversation]:
     names = cfg.data.eval_dataset or cfg.data.dataset or ""
-    parts = load_conversations(resolve(names, cfg.data.dataset_dir), cfg, DataReport(), allow_unanswered=True)
+    rows = stages.get(cfg.finetuning.stage).rows
+    parts = load_conversations(resolve(names, cfg.data.dataset_dir), cfg, DataReport(), rows, allow_unanswered=True)
     return mix(parts, cfg.data.mix_strategy, cfg.data.interleave_probs, cfg.training.seed)
 
 
@@ -113,12 +117,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
 
     validate_for_predict(cfg)
     tokenizer, template = load_inference_tokenizer(cfg)
-    if template is None:
-        from tunesmith.data.templates import load_template
-
-        template = load_template("default", tokenizer, cfg.model.default_system)
     samples = load_samples(cfg)
-    if cfg.finetuning.stage == "rm":
+    if stages.get(cfg.finetuning.stage).predict == "score":
         return predict_rewards(cfg, tokenizer, template, samples, Path(cfg.training.output_dir))  # type: ignore[arg-type]
     prompts = truncate_prompts([template.render_prompt(c) for c in samples], tokenizer, cfg.data.cutoff_len)
     labels = [label_of(c) for c in samples]

@@ -128,6 +128,8 @@ def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 class Stepper:
     """One process or DDP through accelerate: backward per micro-batch, then clip and step."""
 
+    owns_backward = False  # DeepSpeed and FSDP run the backward and its reduction themselves
+
     def __init__(self, accelerator: Any, model: Any, optimizer: Any, max_grad_norm: float):
         self.acc, self.model, self.optimizer = accelerator, model, optimizer
         # read after `prepare`: FSDP replaces the parameters it shards
@@ -172,6 +174,8 @@ class Stepper:
 class DeepSpeedStepper(Stepper):
     """DeepSpeed's engine owns reduction, clipping and the optimizer step; its optimizer state is sharded, so
     every rank saves its own shard (checkpoint-N/deepspeed/)."""
+
+    owns_backward = True
 
     def accumulating(self, last: bool) -> Any:
         self.model.set_gradient_accumulation_boundary(last)
@@ -221,6 +225,8 @@ class DeepSpeedStepper(Stepper):
 class FSDPStepper(Stepper):
     """FSDP (GPUs only): weights and optimizer state are sharded; accelerate saves and restores the shards
     (checkpoint-N/fsdp/), and gathers a full state dict for the model files."""
+
+    owns_backward = True
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
         state = self.acc.get_state_dict(self.model)

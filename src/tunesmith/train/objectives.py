@@ -1,6 +1,7 @@
-"""What each stage optimises. The loop asks an objective for: a batch from sample indices, how many units the
-batch counts for (supervised tokens for pt/sft, pairs for rm/dpo), and the summed loss (plus metric sums) so
-that dividing by the global unit count of the whole accumulated batch gives the mean.
+"""Objectives shared by stages (stages/). The loop asks an objective for: a batch from sample indices
+(`collate`), how many units the batch counts for (`count`: supervised tokens, pairs, ...), and the summed loss
+plus metric sums (`loss_sum`), so that dividing by the global unit count of the whole accumulated batch gives
+the mean. `unit` names what is counted and `metric_names` what `loss_sum` returns.
 """
 
 from __future__ import annotations
@@ -8,17 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.batching import IGNORE, collate
-from tunesmith.data.pairs import PairBatch, collate_pairs
+from tunesmith.data.pairs import PairBatch
 from tunesmith.model.attention import BOUNDS_KWARG
 from tunesmith.train.head_loss import installed_head, token_nll
 from tunesmith.train.loss import token_loss_sum
 
 
 class LMObjective:
-    """pt and sft: next-token cross-entropy, averaged over supervised tokens."""
+    """Next-token cross-entropy, averaged over supervised tokens (stages pt and sft)."""
 
     unit = "supervised_tokens"
 
@@ -61,75 +61,3 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
     sums = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, logp)
     counts = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, torch.ones_like(logp))
     return sums, counts
-
-
-class PairObjective:
-    """rm and dpo batches: chosen/rejected rows, averaged over pairs."""
-
-    unit = "pairs"
-
-    def collate(self, data: Any, units: list[list[int]]) -> PairBatch:
-        return collate_pairs(data, units)
-
-    def count(self, batch: PairBatch) -> int:
-        return batch.n_pairs
-
-
-class RewardObjective(PairObjective):
-    """rm: -log sigmoid(r_chosen - r_rejected), scores read by the value head at each sequence's last token."""
-
-    metric_names = ("loss", "accuracy")
-
-    def loss_sum(self, model: Any, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = model(batch).float()
-        chosen, rejected = scores[0::2], scores[1::2]
-        loss = -F.logsigmoid(chosen - rejected).sum()
-        return loss, {"loss": loss.detach(), "accuracy": (chosen > rejected).float().sum()}
-
-
-class DPOObjective(PairObjective):
-    """dpo and its variants on the policy's and the reference's answer log-probabilities.
-
-    sigmoid (DPO): -log sigmoid(beta * margin); ipo: (margin - 1/(2 beta))^2 on per-token averages;
-    hinge: relu(1 - beta * margin); simpo (no reference): -log sigmoid(beta * (avg_c - avg_r) - gamma);
-    orpo (no reference): chosen NLL - beta * log sigmoid(log odds ratio), on per-token averages.
-    margin = (policy_c - policy_r) - (ref_c - ref_r). pref_ftx adds that weight x the chosen answer's mean NLL.
-    """
-
-    metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                     "logps/chosen", "logps/rejected")
-
-    def __init__(self, beta: float, loss_type: str, ftx: float, simpo_gamma: float, reference: Any):
-        self.beta, self.loss_type, self.ftx, self.gamma = beta, loss_type, ftx, simpo_gamma
-        self.reference = reference  # callable(batch) -> [2 x pairs] summed log-probs, or None for simpo
-
-    def loss_sum(self, model: Any, batch: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        sums, counts = sequence_logps(model, batch)
-        pc, pr, nc, nr = sums[0::2], sums[1::2], counts[0::2], counts[1::2]
-        if self.loss_type == "simpo":
-            logits = self.beta * (pc / nc - pr / nr) - self.gamma
-            losses, rc, rr = -F.logsigmoid(logits), self.beta * pc / nc, self.beta * pr / nr
-        elif self.loss_type == "orpo":
-            avg_c, avg_r = pc / nc, pr / nr
-            # log odds of an answer: log p - log(1 - p), on per-token average log-probabilities
-            log_odds = (avg_c - avg_r) - (torch.log1p(-torch.exp(avg_c)) - torch.log1p(-torch.exp(avg_r)))
-            losses, rc, rr = -avg_c - self.beta * F.logsigmoid(log_odds), self.beta * avg_c, self.beta * avg_r
-        else:
-            with torch.no_grad():
-                ref = self.reference(batch)
-            refc, refr = ref[0::2], ref[1::2]
-            if self.loss_type == "ipo":
-                margin = (pc / nc - pr / nr) - (refc / nc - refr / nr)
-                losses = (margin - 1 / (2 * self.beta)) ** 2
-            else:
-                margin = (pc - pr) - (refc - refr)
-                losses = -F.logsigmoid(self.beta * margin) if self.loss_type == "sigmoid" else \
-                    F.relu(1 - self.beta * margin)
-            rc, rr = self.beta * (pc - refc).detach(), self.beta * (pr - refr).detach()
-        if self.ftx > 0:
-            losses = losses + self.ftx * (-pc / nc)
-        loss = losses.sum()
-        rc, rr = rc.detach(), rr.detach()
-        return loss, {"loss": loss.detach(), "rewards/chosen": rc.sum(), "rewards/rejected": rr.sum(),
-                      "rewards/accuracies": (rc > rr).float().sum(), "rewards/margins": (rc - rr).sum(),
-                      "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}

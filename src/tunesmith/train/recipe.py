@@ -1,4 +1,4 @@
-"""`tunesmith train`: setup -> train -> save, in one readable loop (stages pt and sft).
+"""`tunesmith train`: setup -> train -> save, in one readable loop for every stage (stages/ say what differs).
 
 One optimizer step = `gradient_accumulation_steps` micro-batches. The loss is the sum of token cross-entropies
 divided by the number of supervised tokens in the whole accumulated batch (across all ranks), so batch 4 x
@@ -20,15 +20,13 @@ import torch
 from tunesmith.config import Config, config_to_yaml
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
-from tunesmith.data.batching import pack_by_tokens
 from tunesmith.errors import StopError
 from tunesmith.train import checkpoint as ckpt
-from tunesmith.train import cpu_pool
-from tunesmith.train.cpu_threads import make_governor
 from tunesmith.train.launch import launch, processes_wanted
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
-from tunesmith.train.memory import recompute_cheap_activations, release_free_heap, share_one_malloc_arena
-from tunesmith.train.parallel_passes import PassPool, add_in_order, deal_to_workers
+from tunesmith.train.memory import recompute_cheap_activations
+from tunesmith.train.passes import PassResult
+from tunesmith.train.profile import choose_profile
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
@@ -96,8 +94,7 @@ class Trainer:
         self.last_saved: Path | None = None
         self.run_loss = {"loss": 0.0, "units": 0}
         self.logger: TrainLogger | None = None
-        self.pass_pool = make_pass_pool(cfg, s)
-        self.threads = make_governor(s.accelerator.device.type, s.accelerator.num_processes, t.parallel_passes)
+        self.passes = s.profile.prepare(s)  # how a step's samples become passes, and how they run
 
     @staticmethod
     def new_window() -> dict[str, Any]:
@@ -106,74 +103,43 @@ class Trainer:
     # ---------------------------------------------------------------- one optimizer step
     def optimizer_step(self, window: list[list[list[int]]]) -> dict[str, Any]:
         s, acc, objective = self.s, self.s.accelerator, self.s.objective
-        solo, groups = self.plan_passes(window)
 
         def to_batch(units: list[list[int]]) -> tuple[Any, float]:
             # A rank whose share of the last batch is empty still runs a sample, weighted 0, so DDP stays in step.
             return objective.collate(s.data.train, units or [[0]]).to(acc.device), 1.0 if units else 0.0
 
-        solo_batches = [to_batch(units) for units in solo]
-        group_batches = [[to_batch(units) for units in group] for group in groups]
-        every = solo_batches + [pair for group in group_batches for pair in group]
-        local = sum(objective.count(b) * weight for b, weight in every)
+        plan = self.passes.plan(window).map(to_batch)
+        local = sum(objective.count(b) * weight for b, weight in plan.every())
         n_global = int(acc.reduce(torch.tensor(local, device=acc.device), "sum"))
         s.model.train()
         # DDP and ZeRO average gradients over ranks; scaling by world size turns that into a global mean.
         scale = acc.num_processes / max(n_global, 1)
-        metrics = self.run_passes(solo_batches, scale)
-        if any(group_batches):  # the workers' sums are added after the solo passes', in worker order
-            results = self.pass_pool.run(group_batches,  # type: ignore[union-attr]
-                                         lambda group: self.run_passes(group, scale, return_grads=True))
-            add_in_order(s.stepper.trainable, [grads for grads, _ in results])
-            metrics += [m for _, group_metrics in results for m in group_metrics]
+        metrics = self.passes.run(plan, lambda passes, collect: self.run_passes(passes, scale, collect))
         sums = {name: sum((m[name].float() for m in metrics), torch.zeros((), device=acc.device))
                 for name in objective.metric_names}
         grad_norm = s.stepper.update()
         s.scheduler.step()
-        all_tokens = sum(b.n_tokens * w for b, w in every)
+        all_tokens = sum(b.n_tokens * w for b, w in plan.every())
         return {"sums": {k: float(acc.reduce(v, "sum")) for k, v in sums.items()}, "units": n_global,
                 "grad_norm": grad_norm, "all_tokens": all_tokens * acc.num_processes}
 
-    def run_passes(self, passes: list[tuple[Any, float]], scale: float, return_grads: bool = False) -> Any:
+    def run_passes(self, passes: list[tuple[Any, float]], scale: float, collect_grads: bool = False) -> PassResult:
         """Forward and backward of each (batch, weight): the backward accumulates into .grad, or, with
-        `return_grads` (a worker of `parallel_passes`), into gradients returned with the metrics."""
+        `collect_grads` (a worker thread of the CPU's parallel passes), into gradients returned with the metrics."""
         s, objective = self.s, self.s.objective
-        grads, metrics = None, []
+        result = PassResult([])
         for k, (batch, weight) in enumerate(passes):
-            if self.cfg.training.trim_cpu_heap and s.accelerator.device.type == "cpu":
-                release_free_heap()
-            with torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
+            with s.profile.each_pass(), torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
                     s.accelerator.autocast(), recompute_cheap_activations():
                 loss, values = objective.loss_sum(s.model, batch)
-                if not return_grads:
+                if not collect_grads:
                     s.stepper.backward(loss * weight * scale)
                 else:
                     new = torch.autograd.grad(loss * weight * scale, s.stepper.trainable, allow_unused=True)
-                    grads = list(new) if grads is None else [
-                        b if a is None else a if b is None else a.add_(b) for a, b in zip(grads, new)]
-            metrics.append({name: value * weight for name, value in values.items()})
-        return (grads, metrics) if return_grads else metrics
-
-    def plan_passes(self, window: list[list[list[int]]]) -> tuple[list[list[list[int]]], list[list[list[list[int]]]]]:
-        """The step's passes: those run one at a time on all the cores, and one list per worker of those run side
-        by side (only with `parallel_passes` > 1)."""
-        if self.pass_pool is None:
-            return self.split_passes(window), []
-        return deal_to_workers(window, self.s.data.train.lengths, self.pass_pool.workers,
-                               self.cfg.training.max_tokens_per_forward)
-
-    def split_passes(self, window: list[list[list[int]]]) -> list[list[list[int]]]:
-        """The step's samples packed into as few passes of at most `max_tokens_per_forward` tokens as possible;
-        every rank runs as many passes (empty ones are run with weight 0), so the collectives of DeepSpeed and
-        DDP stay in step."""
-        budget = self.cfg.training.max_tokens_per_forward
-        if budget <= 0:
-            return window
-        passes = pack_by_tokens([unit for units in window for unit in units], self.s.data.train.lengths, budget)
-        count = torch.tensor(len(passes), device=self.s.accelerator.device)
-        if self.s.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        return passes + [[] for _ in range(int(count) - len(passes))]
+                    result.grads = list(new) if result.grads is None else [
+                        b if a is None else a if b is None else a.add_(b) for a, b in zip(result.grads, new)]
+            result.metrics.append({name: value * weight for name, value in values.items()})
+        return result
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -208,8 +174,7 @@ class Trainer:
             windows = [batches[i : i + self.accum] for i in range(0, len(batches), self.accum)]
             for window in windows[st.batches_done_in_epoch // self.accum :]:
                 metrics = self.optimizer_step(window)
-                if self.threads is not None:
-                    self.threads.after_step()
+                self.s.profile.after_step()
                 st.global_step += 1
                 steps_run += 1
                 st.batches_done_in_epoch += len(window)
@@ -225,7 +190,7 @@ class Trainer:
                 "train_loss": self.run_loss["loss"] / max(self.run_loss["units"], 1),
                 "train_runtime": round(runtime, 3), "train_steps_per_second": round(steps_run / runtime, 3),
                 f"train_{self.s.objective.unit}_per_second": round(self.run_loss["units"] / runtime, 1),
-                **peak_memory()}
+                **peak_memory(), **self.s.profile.memory()}
 
     def epoch_float(self) -> float:
         n = len(self.s.plan)
@@ -283,33 +248,11 @@ class Trainer:
             ckpt.rotate(self.out, t.save_total_limit, st.best_checkpoint)
 
 
-def make_pass_pool(cfg: Config, s: Setup) -> PassPool | None:
-    workers = cfg.training.parallel_passes
-    if workers <= 1:
-        return None
-    acc = s.accelerator
-    problems = [why for why, bad in (
-        (f"the device is {acc.device.type}", acc.device.type != "cpu"),
-        (f"{acc.num_processes} processes run", acc.num_processes > 1),
-        ("a gradient scaler (fp16) is in use", getattr(acc, "scaler", None) is not None),
-        ("DeepSpeed/FSDP owns the backward", type(s.stepper).__name__ != "Stepper")) if bad]
-    if problems:
-        raise ConfigError([f"`parallel_passes: {workers}` runs passes on the threads of one CPU process, but "
-                           f"{', '.join(problems)}: set `parallel_passes: 1`"])
-    log.info("parallel_passes: %d passes at a time, %d threads each", workers,
-             max(1, torch.get_num_threads() // workers))
-    return PassPool(workers)
-
-
 def peak_memory() -> dict[str, float]:
     """Peak host RSS of this process and, on a GPU, peak allocated GPU memory."""
     import resource
 
     out = {"train_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    pool = cpu_pool.stats()
-    if pool is not None:  # the tensors' share of the RSS: peak bytes in use, and the pool's resident span
-        out.update(train_cpu_pool_peak_mb=round(pool["peak_in_use"] / 2**20, 1),
-                   train_cpu_pool_span_mb=round(pool["span"] / 2**20, 1))
     if torch.cuda.is_available():
         out["train_peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     return out
@@ -374,13 +317,11 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     processes = processes_wanted(cfg)
     if processes > 1:
         return launch(cfg, processes)
-    if t.parallel_passes > 1:
-        share_one_malloc_arena()
-    if t.cpu_memory_pool and not torch.cuda.is_available():
-        cpu_pool.install()
+    profile = choose_profile(cfg)
+    profile.start()
     resume = find_resume_point(cfg)
     rerun_config = saved_config(cfg)  # as the user wrote it, before setup adapts it to this machine
-    s = build_setup(cfg)
+    s = build_setup(cfg, profile)
     trainer = Trainer(cfg, s)
     out = trainer.out
     if s.accelerator.is_main_process:
@@ -440,7 +381,7 @@ def evaluate_only(cfg: Config) -> int:
              + ([] if cfg.data.val_size > 0 or cfg.data.eval_dataset else
                 ["`do_eval` needs evaluation data: set `val_size` or `eval_dataset`"])
              + ([] if cfg.training.output_dir else ["`output_dir` is required: where eval_results.json goes"]))
-    s = build_setup(cfg)
+    s = build_setup(cfg, choose_profile(cfg))
     metrics = Trainer(cfg, s).evaluate()
     if s.accelerator.is_main_process:
         out = Path(cfg.training.output_dir)  # type: ignore[arg-type]

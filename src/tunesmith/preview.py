@@ -1,4 +1,5 @@
-"""`tunesmith data cfg.yaml [--dump FILE.jsonl]`: see exactly what the model will see."""
+"""`tunesmith data cfg.yaml [--dump FILE.jsonl]`: see exactly what the model will see (the data loaded as
+`tunesmith train` loads it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 from tunesmith.config import Config
 from tunesmith.config.validate import validate_for_data
 from tunesmith.data.encode import IGNORE
-from tunesmith.data.pipeline import Datasets, EncodedSet, build_datasets
+from tunesmith.data.pipeline import Datasets, EncodedSet
 
 MARK_OPEN, MARK_CLOSE = "\u00ab", "\u00bb"  # « » around the tokens that carry loss
 
@@ -74,17 +75,14 @@ def dump(path: str, sets: dict[str, EncodedSet], tokenizer: Any) -> int:
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
-    from tunesmith.data.templates import load_template
-    from tunesmith.model.tokenizer import load_tokenizer
+    from tunesmith import stages
+    from tunesmith.train.data import load_training_data
 
     validate_for_data(cfg)
-    tokenizer = load_tokenizer(cfg)
-    template = None if cfg.finetuning.stage == "pt" else load_template(cfg.model.template, tokenizer,
-                                                                       cfg.model.default_system)
-    data = build_datasets(cfg, tokenizer, template)
+    tokenizer, template, data = load_training_data(cfg, stages.get(cfg.finetuning.stage))
     summary = summarize(data)
     print(f"datasets: {cfg.data.dataset}" + (f"  eval: {cfg.data.eval_dataset}" if cfg.data.eval_dataset else ""))
-    print(f"template: {template.name if template else '(none: pt)'}   cutoff_len: {cfg.data.cutoff_len}   "
+    print(f"template: {template.name if template else '(none: plain text)'}   cutoff_len: {cfg.data.cutoff_len}   "
           f"cache: {data.cache_path}")
     print(f"rows read:     {summary['rows_read_total']}  " + ", ".join(f"{k}={v}" for k, v in summary["rows_read"].items()))
     print(f"rows skipped:  {sum(summary['rows_skipped'].values())}  " +

@@ -1,14 +1,12 @@
 """Passes of one optimizer step run side by side on CPU threads (`parallel_passes`).
 
 On a CPU, PyTorch splits each kernel over all cores. The kernels of a small model (attention's batched products
-over a few heads, casts, elementwise ops) are too small to split well: on 2 cores a tiny Llama in bf16 runs at
-70% of its speed with one core. Running two passes at once, each on its share of the cores, keeps every core
-busy. Measured in-process on the same steps, 2 cores: +14-17% for 3M and 30M-parameter models in bf16 on an
-Intel CPU with AMX (no gain there in fp32); +5% for the 30M model in fp32 on an AMD EPYC (+8% without the token
-bound below, at 1.2-1.4x the peak RSS). The step's samples are dealt to the workers by estimated cost, and each
-worker sums its own gradients; the workers' sums are added in worker order, so a run is reproducible. With
-`max_tokens_per_forward`, no more than that many tokens are in flight at once (samples longer than a worker's
-share run alone, on all the cores), so the activation peak is that of one pass of the budget.
+over a few heads, casts, elementwise ops) are too small to split well, so running two passes at once, each on
+its share of the cores, keeps every core busier (gains by model and CPU in benchmarks/LOG.md). The step's
+samples are dealt to the workers by estimated cost, and each worker sums its own gradients; the workers' sums
+are added in worker order, so a run is reproducible. With `max_tokens_per_forward`, no more than that many tokens
+are in flight at once (samples longer than a worker's share run alone, on all the cores), so the activation peak
+is that of one pass of the budget.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from tunesmith.data.batching import pack_by_tokens
+from tunesmith.train.passes import PassPlan, PassResult, RunPasses
 
 # A sample's cost in token-equivalents: its tokens plus the attention term, which grows with the square of its
 # length (the weight is a rough fit to small Llamas on a CPU; it only balances the workers, it changes no result).
@@ -52,15 +51,26 @@ def deal_to_workers(window: list[list[list[int]]], lengths: np.ndarray, workers:
     return solo, [pack_by_tokens(group, lengths, share) if group else [] for group in groups]
 
 
-class PassPool:
-    """Runs one group of passes per worker (the calling thread is worker 0) and returns each group's summed
-    gradients and per-pass metrics."""
+class ParallelPasses:
+    """The pass runner of `parallel_passes: N` (see train/passes.py): serial passes first, on all the cores, then
+    one group per worker (the calling thread is worker 0), whose gradients are returned and added in order."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    def __init__(self, workers: int, lengths: np.ndarray, budget: int, params: list[torch.Tensor]):
+        self.workers, self.lengths, self.budget, self.params = workers, lengths, budget, params
         self.executor = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="tunesmith-pass")
 
-    def run(self, groups: list[Any], run_group: Callable[[Any], Any]) -> list[Any]:
+    def plan(self, window: list[list[list[int]]]) -> PassPlan:
+        return PassPlan(*deal_to_workers(window, self.lengths, self.workers, self.budget))
+
+    def run(self, plan: PassPlan, run_passes: RunPasses) -> list[dict[str, torch.Tensor]]:
+        metrics = run_passes(plan.serial, False).metrics
+        if any(plan.groups):
+            results = self.in_threads(plan.groups, lambda group: run_passes(group, True))
+            add_in_order(self.params, [r.grads for r in results])
+            metrics += [m for r in results for m in r.metrics]
+        return metrics
+
+    def in_threads(self, groups: list[Any], run_group: Callable[[Any], PassResult]) -> list[PassResult]:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // self.workers))  # each worker gets its share of the cores
         try:

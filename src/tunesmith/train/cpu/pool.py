@@ -2,16 +2,14 @@
 
 PyTorch has a caching allocator for GPUs but none for the CPU, where tensors come from glibc's malloc. glibc keeps
 freed memory in one contiguous heap, and the small long-lived allocations of torch and Python land between the big
-activation blocks of a pass; each pass of another length carves new space, so the heap grows to 2-3x its live
-bytes (a 27M-parameter fp32 LoRA job: a heap spanning 550-730 MB for about 240 MB of live tensors). Trimming it
-between passes costs 8-14% in re-faulted pages.
+activation blocks of a pass; each pass of another length carves new space, so the heap grows to several times its
+live bytes, and trimming it between passes costs the time of re-faulting the pages.
 
 This pool serves every CPU tensor of 256 KB or more from a range of its own: best fit, free neighbours merged,
-pages kept resident for the next pass (no page faults once warm). Its span stays within a few percent of the live
-peak: the benchmark's small fp32 job peaked at 800 instead of 1150 MB, at the same speed (in-process step loops,
-two runs each). It plugs in through c10's allocator hook (`c10::SetCPUAllocator`); the C++ source beside this file
-is compiled once per torch version by `torch.utils.cpp_extension` (a C++ compiler is needed; without one training
-falls back to malloc with a warning).
+pages kept resident for the next pass (no page faults once warm), so its span stays close to the live peak (the
+measurements are in benchmarks/LOG.md). It plugs in through c10's allocator hook (`c10::SetCPUAllocator`); the
+C++ source beside this file is compiled once per torch version by `torch.utils.cpp_extension` (a C++ compiler is
+needed; without one training falls back to malloc with a warning).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_pool.cpp")
+_SOURCE = Path(__file__).with_name("pool.cpp")
 _THRESHOLD = 256 << 10  # below this, malloc's small-object bins do well and a 64 KB grain would waste
 _installed = False
 
