@@ -53,6 +53,10 @@ def quiet_foreign_warnings(debug: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    # bitsandbytes tries to fetch an optional CPU kernel from a hub on AVX-512 bf16 CPUs and says so when offline;
+    # it falls back to its own kernel
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def _has_cuda_driver() -> bool:
