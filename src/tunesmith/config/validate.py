@@ -9,10 +9,6 @@ from tunesmith.config.fields import Config
 from tunesmith.config.loader import ConfigError
 
 
-def generating_stages() -> list[str]:
-    return [name for name in stages.NAMES if stages.get(name).predict == "generate"]
-
-
 def _cuda_available() -> bool:
     import torch  # deferred: `tunesmith --help` must stay instant
 
@@ -96,7 +92,7 @@ def check_training(cfg: Config) -> list[str]:
             problems.append("`cosine_with_min_lr` needs `lr_scheduler_kwargs: {min_lr_rate: 0.1}` (or min_lr)")
     if cfg.generation.predict_with_generate and stages.get(cfg.finetuning.stage).predict != "generate":
         problems.append(f"`predict_with_generate` does not apply to `stage: {cfg.finetuning.stage}`: it needs a "
-                        "stage that generates answers (" + ", ".join(generating_stages()) + ")")
+                        "stage that generates answers (" + ", ".join(stages.predicting("generate")) + ")")
     if t.report_to == "tensorboard":
         try:
             import tensorboard  # noqa: F401

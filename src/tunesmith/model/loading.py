@@ -32,8 +32,6 @@ def quantization(cfg: Config, compute_dtype: Any) -> dict[str, Any]:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from tunesmith.config.loader import ConfigError
-
         raise ConfigError([f"`quantization_bit: {bits}` needs bitsandbytes: pip install 'tunesmith[qlora]'"]) from None
     if compute_dtype in (None, "auto"):
         compute_dtype = torch.float32
@@ -146,8 +144,6 @@ def load_for_inference(cfg: Config) -> Any:
     model = load_model(cfg, inference_dtype(cfg), for_training=False)
     quantized = cfg.model.quantization_bit is not None
     if quantized and len(cfg.adapter_paths()) > 1:
-        from tunesmith.config.loader import ConfigError
-
         raise ConfigError(["a quantized base takes one adapter: merge the others first with `tunesmith export`"])
     model = apply_adapters(model, cfg.adapter_paths(), merge_last=not quantized)
     if torch.cuda.is_available() and not quantized:

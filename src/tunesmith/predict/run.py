@@ -27,9 +27,8 @@ def validate_for_predict(cfg: Config) -> None:
     if not cfg.training.output_dir:
         problems.append("`output_dir` is required: where generated_predictions.jsonl goes")
     if stages.get(cfg.finetuning.stage).predict is None:
-        usable = [name for name in stages.NAMES if stages.get(name).predict is not None]
         problems.append(f"predicting with `stage: {cfg.finetuning.stage}` is not supported; use "
-                        + " or ".join(usable))
+                        + " or ".join(stages.predicting()))
     if cfg.training.per_device_eval_batch_size < 1:
         problems.append("`per_device_eval_batch_size` must be at least 1")
     raise_if(problems)

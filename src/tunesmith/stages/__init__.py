@@ -30,5 +30,10 @@ def get(name: str) -> "Stage":
     return importlib.import_module(STAGES[name][0]).STAGE
 
 
+def predicting(how: str | None = None) -> list[str]:
+    """Names of the stages whose models `tunesmith predict` uses `how` ("generate", "score"; None: in any way)."""
+    return [name for name in NAMES if (get(name).predict == how if how else get(name).predict is not None)]
+
+
 def summary() -> str:
     return "; ".join(f"{name}: {line}" for name, (_, line) in STAGES.items())

@@ -2,14 +2,13 @@
 before the model is built (`choose_profile`).
 
 The loop calls it at fixed points and nowhere else: `start` before the model and data exist, `prepare` once the
-setup is built (it returns the pass runner), `each_pass` around every forward+backward, `after_step`, and
+setup is built (it returns the pass runner), `before_pass` before every forward+backward, `after_step`, and
 `memory` for the results. `shape_bucket` rounds batch lengths for kernels that compile per shape. The default
 profile (GPUs) does nothing at any of them; the CPU's lives in train/cpu/.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from tunesmith.config import Config
@@ -37,8 +36,8 @@ class Profile:
                                f"the device is {setup.accelerator.device.type}: set `parallel_passes: 1`"])
         return SerialPasses(setup.data.train.lengths, self.cfg.training.max_tokens_per_forward, setup.accelerator)
 
-    def each_pass(self) -> Any:
-        return contextlib.nullcontext()
+    def before_pass(self) -> None:
+        """Called before every forward+backward."""
 
     def after_step(self) -> None:
         """Called after every optimizer step."""

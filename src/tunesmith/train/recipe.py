@@ -129,8 +129,9 @@ class Trainer:
         s, objective = self.s, self.s.objective
         result = PassResult([])
         for k, (batch, weight) in enumerate(passes):
-            with s.profile.each_pass(), torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), \
-                    s.accelerator.autocast(), recompute_cheap_activations():
+            s.profile.before_pass()
+            with torch.enable_grad(), s.stepper.accumulating(last=k == len(passes) - 1), s.accelerator.autocast(), \
+                    recompute_cheap_activations():
                 loss, values = objective.loss_sum(s.model, batch)
                 if not collect_grads:
                     s.stepper.backward(loss * weight * scale)

@@ -4,7 +4,7 @@
   (pool.py), both before the model is built;
 - `prepare`: the pass runner (parallel_passes.py when `parallel_passes` > 1) and the thread governor
   (threads.py) that follows the cores other processes leave free;
-- `each_pass`: with `trim_cpu_heap`, free pages handed back before the pass;
+- `before_pass`: with `trim_cpu_heap`, free pages handed back to the OS;
 - `shape_bucket`: half-precision rows rounded to 64 tokens, since bf16/fp16 CPU kernels keep compiled code for
   every shape they meet;
 - `memory`: the pool's peak and span for the results.
@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -23,7 +22,6 @@ from tunesmith.model.attention import HALF_PRECISION_BUCKET
 from tunesmith.train.cpu import heap, pool
 from tunesmith.train.cpu.parallel_passes import ParallelPasses
 from tunesmith.train.cpu.threads import make_governor
-from tunesmith.train.passes import SerialPasses
 from tunesmith.train.profile import Profile
 
 log = logging.getLogger("tunesmith.train")
@@ -48,11 +46,11 @@ class CPUProfile(Profile):
         if t.cpu_memory_pool:
             pool.install()
 
-    def prepare(self, setup: Any) -> SerialPasses | ParallelPasses:
+    def prepare(self, setup: Any) -> Any:
         t, acc = self.cfg.training, setup.accelerator
         self.governor = make_governor(acc.device.type, acc.num_processes, t.parallel_passes)
         if t.parallel_passes <= 1:
-            return SerialPasses(setup.data.train.lengths, t.max_tokens_per_forward, acc)
+            return super().prepare(setup)
         problems = [why for why, bad in (
             (f"{acc.num_processes} processes run", acc.num_processes > 1),
             ("a gradient scaler (fp16) is in use", getattr(acc, "scaler", None) is not None),
@@ -65,10 +63,9 @@ class CPUProfile(Profile):
         return ParallelPasses(t.parallel_passes, setup.data.train.lengths, t.max_tokens_per_forward,
                               setup.stepper.trainable)
 
-    def each_pass(self) -> Any:
+    def before_pass(self) -> None:
         if self.cfg.training.trim_cpu_heap:
             heap.release_free_heap()
-        return contextlib.nullcontext()
 
     def after_step(self) -> None:
         if self.governor is not None:
