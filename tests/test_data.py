@@ -148,7 +148,7 @@ def test_truncation_keeps_whole_turns_and_end_of_turn(tokenizer):
     template = load_template("chatml", tokenizer)
     conv = Conversation([Message("user", "a " * 20), Message("assistant", "b " * 20),
                          Message("user", "c " * 20), Message("assistant", "d " * 20)])
-    rendered = template.render_chat(conv)
+    [rendered] = template.render_chat(conv)
     full = encode_chat(rendered, tokenizer, 4096)
     first_turn_len = full.input_ids.index(tokenizer.convert_tokens_to_ids("<|im_end|>"), 25) + 1
     cut = encode_chat(rendered, tokenizer, first_turn_len + 5)
@@ -159,7 +159,10 @@ def test_truncation_keeps_whole_turns_and_end_of_turn(tokenizer):
     assert len(short.input_ids) == 30
     assert text.startswith("<|im_start|>user\na") and "<|im_end|>\n<|im_start|>assistant\nb" in text
     assert text.endswith("<|im_end|>")
-    assert tokenizer.decode([t for t in short.labels if t != IGNORE]).endswith("<|im_end|>")
+    # a cut answer keeps its end-of-turn token in the text but does not train it (no early stops learnt)
+    assert short.labels[-1] == IGNORE and tokenizer.decode([t for t in short.labels if t != IGNORE]) == "b b b b b b b b b b"
+    # an answer kept whole still trains its end token
+    assert tokenizer.decode([t for t in cut.labels if t != IGNORE]).endswith("<|im_end|>")
     with pytest.raises(Dropped, match="longer than cutoff_len"):
         encode_chat(rendered, tokenizer, 30, truncation="drop")
     with pytest.raises(Dropped, match="template tokens alone"):

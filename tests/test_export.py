@@ -63,7 +63,8 @@ def test_chat_template_and_generation_config(trained, tiny_model_dir, tmp_path, 
     assert run_export(tiny_model_dir, first, out) == 0
     exported = AutoTokenizer.from_pretrained(out)
     conv = Conversation([Message("user", "hi"), Message("assistant", "yo")], system="S")
-    trained_text = load_template("chatml", tokenizer).render_chat(conv).text
+    [trained] = load_template("chatml", tokenizer).render_chat(conv)
+    trained_text = trained.text
     assert exported.apply_chat_template(conv.hf_messages(), tokenize=False) == trained_text
     gen = GenerationConfig.from_pretrained(out)
     im_end = exported.convert_tokens_to_ids("<|im_end|>")

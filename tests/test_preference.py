@@ -46,7 +46,8 @@ def pair_texts(tokenizer, pairs):
     for p in pairs:
         for answer in (p["chosen"], p["rejected"]):
             conv = Conversation([Message("user", p["instruction"]), Message("assistant", answer)])
-            texts.append(template.render_chat(conv).text)
+            [rendered] = template.render_chat(conv)
+            texts.append(rendered.text)
     return texts
 
 

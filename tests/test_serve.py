@@ -93,8 +93,9 @@ def test_tool_call_round_trip(client, server):
     engine = server[1]
     # what the template writes for a call is what the server parses back
     call = ToolCall("get_weather", {"city": "Oslo"})
-    rendered = engine.template.render_chat(Conversation([Message("user", "w?"), Message("assistant", "", [call])],
-                                                        tools=TOOLS)).text
+    [rendered] = engine.template.render_chat(Conversation([Message("user", "w?"), Message("assistant", "", [call])],
+                                                          tools=TOOLS))
+    rendered = rendered.text
     written = rendered.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
     assert parse_tool_calls(written) == ("", [call])
     # a conversation that carries a call and its result goes through the model

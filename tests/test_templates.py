@@ -66,6 +66,12 @@ def tok(tokenizer):
     return tok
 
 
+def one(sequences):
+    """The single sequence a prefix-stable template renders a conversation as."""
+    assert len(sequences) == 1
+    return sequences[0]
+
+
 def labelled_runs(ids, labels, tok):
     runs, current = [], []
     for token, label in zip(ids, labels):
@@ -87,7 +93,7 @@ def test_auto_template_matches_apply_chat_template(tok, style, conv_index):
     tok.chat_template = jinja
     conv = CONVERSATIONS[conv_index]
     template = load_template("auto", tok)
-    enc = encode_chat(template.render_chat(conv), tok, cutoff_len=4096)
+    enc = encode_chat(one(template.render_chat(conv)), tok, cutoff_len=4096)
     reference = tok.apply_chat_template(conv.hf_messages(), tokenize=True, return_dict=False)
     assert enc.input_ids == list(reference)
     answers = [m.content + eot for m in conv.messages if m.role == "assistant"]
@@ -102,7 +108,7 @@ def test_tools_and_tool_calls_match_apply_chat_template(tok):
     conv = Conversation([Message("user", "Weather in Oslo?"),
                          Message("assistant", "", [ToolCall("get_weather", {"city": "Oslo"})]),
                          Message("tool", '{"weather": "sunny"}'), Message("assistant", "It is sunny.")], tools=tools)
-    enc = encode_chat(load_template("auto", tok).render_chat(conv), tok, cutoff_len=4096)
+    enc = encode_chat(one(load_template("auto", tok).render_chat(conv)), tok, cutoff_len=4096)
     reference = tok.apply_chat_template(conv.hf_messages(), tools=tools, tokenize=True, return_dict=False)
     assert enc.input_ids == list(reference)
     assert labelled_runs(enc.input_ids, enc.labels, tok) == [
@@ -114,7 +120,7 @@ def test_mask_history_and_train_on_prompt(tok):
     tok = copy.copy(tok)
     tok.chat_template = GEMMA_LIKE
     conv = CONVERSATIONS[1]
-    rendered = load_template("auto", tok).render_chat(conv)
+    rendered = one(load_template("auto", tok).render_chat(conv))
     last_only = encode_chat(rendered, tok, 4096, mask_history=True)
     assert labelled_runs(last_only.input_ids, last_only.labels, tok) == ["You said 7.<end_of_turn>"]
     everything = encode_chat(rendered, tok, 4096, train_on_prompt=True)
@@ -136,7 +142,7 @@ NAMED = {
 def test_named_templates_render_as_documented(tokenizer, name):
     template = load_template(name, tokenizer)
     conv = Conversation([Message("user", "hi"), Message("assistant", "yo")], system="S")
-    assert template.render_chat(conv).text == NAMED[name]
+    assert one(template.render_chat(conv)).text == NAMED[name]
 
 
 def test_named_template_default_system_and_generation_prompt(tokenizer):
@@ -155,7 +161,7 @@ def test_named_template_tool_format(tokenizer):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     conv = Conversation([Message("user", "call f"), Message("assistant", "", [ToolCall("f", {"x": 1})]),
                          Message("tool", "42"), Message("assistant", "It is 42.")], tools=tools)
-    text = template.render_chat(conv).text
+    text = one(template.render_chat(conv)).text
     assert text == (
         "System: Tools you can call, one JSON spec per line:\n<tools>\n"
         '{"type": "function", "function": {"name": "f", "parameters": {}}}\n</tools>\n'

@@ -53,6 +53,8 @@ def summarize(data: Datasets) -> dict[str, Any]:
         "rows_skipped": dict(report.rows_bad), "samples_dropped": dict(report.samples_dropped),
         "samples": {name: len(s) for name, s in sets.items()},
         "truncated": report.truncated, "pt_documents_split": report.pt_chunks_split,
+        "expanded": {"conversations": report.expanded, "extra_sequences": report.expansion_sequences,
+                     "extra_tokens": report.expansion_tokens},
         "tokens": tokens, "supervised_tokens": supervised,
         "supervised_share": round(supervised / max(tokens, 1), 4),
         "length_percentiles": {f"p{q}": int(np.percentile(lengths, q)) for q in (50, 90, 99)} | {"max": int(lengths.max())},
@@ -92,6 +94,16 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
           ", ".join(f"{k}={v}" for k, v in summary["samples_dropped"].items()))
     print(f"truncated:     {summary['truncated']}" + (f"   pt documents split into chunks: {summary['pt_documents_split']}"
                                                        if summary["pt_documents_split"] else ""))
+    if template is not None:
+        forms = template.forms
+        print(f"template does: reasoning {forms.reasoning}, tool-call arguments as a {forms.arguments}"
+              + (", call ids generated where missing" if forms.needs_ids else "")
+              + f", turns end with {forms.end_of_turn or ' / '.join(forms.turn_openers) or '(nothing)'}"
+              + ("" if template.enable_thinking else ", reasoning not trained (enable_thinking: false)"))
+    if summary["expanded"]["conversations"]:
+        e = summary["expanded"]
+        print(f"expanded:      {e['conversations']} conversations the template renders differently once later "
+              f"turns follow -> {e['extra_sequences']} extra sequences, {e['extra_tokens']} extra tokens")
     p = summary["length_percentiles"]
     print(f"tokens:        {summary['tokens']}  (length p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']})")
     print(f"supervised:    {summary['supervised_tokens']}  ({100 * summary['supervised_share']:.1f}% of tokens)")

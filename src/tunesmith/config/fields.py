@@ -31,8 +31,16 @@ class ModelArgs:
     template: str = opt(
         "auto",
         "Chat template: `auto` uses the tokenizer's own jinja template; or a named one "
-        "(default, vanilla, empty, alpaca, chatml, llama3, qwen); or a path to a .jinja file.",
+        "(default, vanilla, empty, alpaca, chatml, llama3, qwen); or a LLaMA-Factory name (qwen3, qwen3_nothink, "
+        "deepseekr1, mistral, gemma3, phi, glm4, ...: the model's own template with that name's settings); or a "
+        "path to a .jinja file.",
     )
+    enable_thinking: bool = opt(
+        True, "Reasoning models: train (and generate) the reasoning part of answers; false drops the reasoning "
+        "from the data and asks the template for its no-thinking form (as LLaMA-Factory's key).")
+    template_kwargs: dict = opt(
+        {}, "Extra variables for the chat template, e.g. {thinking: true} or {tools_in_user_message: false}; "
+        "saved with the model so inference renders prompts the same way.")
     default_system: str | None = opt(None, "System prompt used when a sample has none.")
     trust_remote_code: bool = opt(False, "Allow model code shipped in the model folder to run.")
     model_revision: str = opt("main", "Model revision (branch, tag or commit) when loading from a hub.")
@@ -81,6 +89,9 @@ class DataArgs:
         "(under) or longest (over) is used up."
     )
     interleave_probs: str | None = opt(None, "Sampling weights for interleaving, comma separated.")
+    reasoning_tags: str = opt(
+        "<think>,</think>", "The tags that open and close a reasoning block at the start of an answer's text, "
+        "comma separated (the block becomes the turn's reasoning).")
     train_on_prompt: bool = opt(False, "Also compute the loss on prompt tokens (system, user, tool output).")
     mask_history: bool = opt(False, "Train only on the last assistant turn of each conversation.")
     packing: bool = opt(

@@ -13,7 +13,7 @@ import bisect
 from dataclasses import dataclass
 from typing import Any
 
-from tunesmith.data.templates import RenderedChat
+from tunesmith.data.turns import RenderedChat
 
 IGNORE = -100  # the label of a position the loss skips (PyTorch's cross-entropy default)
 
@@ -73,33 +73,37 @@ def encode_chat(rendered: RenderedChat, tokenizer: Any, cutoff_len: int, train_o
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     seg_of, is_response, is_content = _token_roles(rendered, offsets)
     turn_of = [rendered.segments[k].turn for k in seg_of]
-    n_turns = max((s.turn + 1 for s in rendered.segments if s.is_response), default=0)
-    keep = list(range(len(ids)))
+    turns = sorted({s.turn for s in rendered.segments if s.is_response})
+    keep, cut_from = list(range(len(ids))), len(ids)  # tokens at or after cut_from are never trained
     truncated = len(ids) > cutoff_len
     if truncated:
         if truncation == "drop":
             raise Dropped("longer than cutoff_len")
         # tokens up to the end of each assistant turn
-        turn_end = [max(i for i in range(len(ids)) if turn_of[i] == t and is_response[i]) + 1 for t in range(n_turns)]
-        fitting = [t for t in range(n_turns) if turn_end[t] <= cutoff_len]
+        turn_end = {t: max(i for i in range(len(ids)) if turn_of[i] == t and is_response[i]) + 1 for t in turns}
+        fitting = [t for t in turns if turn_end[t] <= cutoff_len]
         if fitting:
-            n_turns = fitting[-1] + 1
+            turns = [t for t in turns if t <= fitting[-1]]
             keep = list(range(turn_end[fitting[-1]]))
         else:
-            keep = _shorten_first_turn(turn_end[0] if n_turns else len(ids), is_response, is_content, cutoff_len)
-            n_turns = 1
-    last_turn = n_turns - 1
+            turns = turns[:1]
+            keep, cut_from = _shorten_first_turn(turn_end[turns[0]] if turns else len(ids), is_response, is_content,
+                                                 cutoff_len)
+    last_turn = turns[-1] if turns else -1
     input_ids, labels = [], []
     for i in keep:
         input_ids.append(ids[i])
-        trained = is_response[i] and (not mask_history or turn_of[i] == last_turn)
+        trained = is_response[i] and i < cut_from and (not mask_history or turn_of[i] == last_turn)
         labels.append(ids[i] if trained or (train_on_prompt and not is_response[i]) else IGNORE)
     if all(label == IGNORE for label in labels):
         raise Dropped("no supervised tokens")
     return Encoded(input_ids, labels, truncated)
 
 
-def _shorten_first_turn(end: int, is_response: list[bool], is_content: list[bool], cutoff_len: int) -> list[int]:
+def _shorten_first_turn(end: int, is_response: list[bool], is_content: list[bool],
+                        cutoff_len: int) -> tuple[list[int], int]:
+    """The kept token indices, and where training stops: after a cut answer's last kept text, so the end-of-turn
+    token that follows is not trained (the model must not learn to stop mid-answer)."""
     fixed = [i for i in range(end) if not is_content[i]]
     prompt = [i for i in range(end) if is_content[i] and not is_response[i]]
     response = [i for i in range(end) if is_content[i] and is_response[i]]
@@ -107,7 +111,8 @@ def _shorten_first_turn(end: int, is_response: list[bool], is_content: list[bool
     if budget < 1 or not response and not any(is_response[i] for i in fixed):
         raise Dropped("template tokens alone exceed cutoff_len")
     keep_prompt, keep_response = _keep_budget(len(prompt), len(response), budget)
-    return sorted(fixed + prompt[:keep_prompt] + response[:keep_response])
+    cut_from = response[keep_response] if keep_response < len(response) else end
+    return sorted(fixed + prompt[:keep_prompt] + response[:keep_response]), cut_from
 
 
 def encode_text(text: str, tokenizer: Any, cutoff_len: int) -> list[Encoded]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tunesmith.data.conversation import Conversation, Message, ToolCall
+from tunesmith.data.conversation import Conversation, Message, ToolCall, split_reasoning
 from tunesmith.data.errors import DataError
 from tunesmith.data.readers import RawRow
 from tunesmith.data.registry import DatasetSpec
@@ -14,8 +14,19 @@ from tunesmith.data.registry import DatasetSpec
 class RowContext:
     """Builds errors that point at one row."""
 
-    def __init__(self, spec: DatasetSpec, raw: RawRow, allow_unanswered: bool = False):
+    def __init__(self, spec: DatasetSpec, raw: RawRow, allow_unanswered: bool = False,
+                 reasoning_tags: tuple[str, str] = ("<think>", "</think>")):
         self.spec, self.raw, self.allow_unanswered = spec, raw, allow_unanswered
+        self.reasoning_tags = reasoning_tags
+
+    def answer(self, content: str, reasoning: Any, field: str, calls: list[ToolCall] | None = None) -> Message:
+        """An assistant turn: its reasoning from a separate field, else from a leading reasoning block."""
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise self.error(f"reasoning must be text, got {type(reasoning).__name__}", field=field,
+                             reason="wrong type")
+        if reasoning is None:
+            reasoning, content = split_reasoning(content, self.reasoning_tags)
+        return Message("assistant", content, calls or [], reasoning=reasoning)
 
     def error(self, message: str, field: str | None = None, fix: str | None = None, reason: str = "bad row"):
         return DataError(f"{message} (dataset `{self.spec.name}`)", file=self.raw.file, row=self.raw.row,
@@ -72,8 +83,8 @@ def parse_tool_calls(ctx: RowContext, value: Any, field: str) -> list[ToolCall]:
                             fix='write {"name": "tool_name", "arguments": {...}}', reason="bad function call") from None
     calls = value if isinstance(value, list) else [value]
     parsed = []
-    for call in calls:
-        call = call.get("function", call) if isinstance(call, dict) else call
+    for outer in calls:
+        call = outer.get("function", outer) if isinstance(outer, dict) else outer
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             raise ctx.error("function call needs a `name` and `arguments`", field=field, reason="bad function call")
         arguments = call.get("arguments", {})
@@ -85,7 +96,8 @@ def parse_tool_calls(ctx: RowContext, value: Any, field: str) -> list[ToolCall]:
                                 reason="bad function call") from None
         if not isinstance(arguments, dict):
             raise ctx.error("function call `arguments` must be an object", field=field, reason="bad function call")
-        parsed.append(ToolCall(call["name"], arguments))
+        call_id = call.get("id", outer.get("id") if isinstance(outer, dict) else None)
+        parsed.append(ToolCall(call["name"], arguments, call_id if isinstance(call_id, str) and call_id else None))
     return parsed
 
 
@@ -111,13 +123,16 @@ def from_alpaca(ctx: RowContext) -> Conversation:
                         tools=parse_tools(ctx, row.get(spec.column("tools", "tools")), spec.column("tools", "tools")))
     if spec.ranking:
         chosen_col, rejected_col = spec.column("chosen", "chosen"), spec.column("rejected", "rejected")
-        conv.chosen = Message("assistant", _text(ctx, ctx.require(chosen_col, "chosen"), chosen_col))
-        conv.rejected = Message("assistant", _text(ctx, ctx.require(rejected_col, "rejected"), rejected_col))
+        conv.chosen = ctx.answer(_text(ctx, ctx.require(chosen_col, "chosen"), chosen_col), None, chosen_col)
+        conv.rejected = ctx.answer(_text(ctx, ctx.require(rejected_col, "rejected"), rejected_col), None,
+                                   rejected_col)
     else:
         response_col = spec.column("response", "output")
         if ctx.allow_unanswered and not row.get(response_col):
             return conv  # predicting: the answer is what we want to generate
-        conv.messages.append(Message("assistant", _text(ctx, ctx.require(response_col, "response"), response_col)))
+        reasoning_col = spec.column("reasoning", "reasoning")
+        conv.messages.append(ctx.answer(_text(ctx, ctx.require(response_col, "response"), response_col),
+                                        row.get(reasoning_col), reasoning_col))
     return conv
 
 
@@ -134,12 +149,16 @@ def _sharegpt_message(ctx: RowContext, item: Any, index: int, column: str) -> Me
     if role not in roles:
         raise ctx.error(f"message {index} has unknown role `{role}`; expected one of {', '.join(roles)}",
                         field=column, fix="set the role tags under `tags` in dataset_info.json")
-    content = item.get(content_tag)
-    if roles[role] == "assistant" and item.get("tool_calls"):  # OpenAI-style assistant tool calls
-        return Message("assistant", content or "", parse_tool_calls(ctx, item["tool_calls"], f"{column}[{index}]"))
+    content, where = item.get(content_tag), f"{column}[{index}]"
     if roles[role] == "function_call":
-        return Message("assistant", "", parse_tool_calls(ctx, content, f"{column}[{index}]"))
-    return Message(roles[role], _text(ctx, content, f"{column}[{index}]"))
+        return Message("assistant", "", parse_tool_calls(ctx, content, where))
+    if roles[role] == "assistant":  # OpenAI-style tool calls and reasoning ride on the message
+        calls = parse_tool_calls(ctx, item["tool_calls"], where) if item.get("tool_calls") else []
+        reasoning = item.get(spec.tag("reasoning_tag"), item.get("reasoning"))
+        return ctx.answer(_text(ctx, content, where), reasoning, where, calls)
+    call_id = item.get("tool_call_id") if roles[role] == "tool" else None
+    return Message(roles[role], _text(ctx, content, where),
+                   tool_call_id=call_id if isinstance(call_id, str) and call_id else None)
 
 
 def from_sharegpt(ctx: RowContext) -> Conversation:
@@ -189,7 +208,7 @@ def check_turns(ctx: RowContext, conv: Conversation, column: str) -> None:
 def check_responses(ctx: RowContext, conv: Conversation) -> None:
     answers = [m for m in conv.messages if m.role == "assistant"] + [m for m in (conv.chosen, conv.rejected) if m]
     for msg in answers:
-        if not msg.content.strip() and not msg.tool_calls:
+        if not msg.content.strip() and not msg.tool_calls and not (msg.reasoning or "").strip():
             raise ctx.error("empty response", field=ctx.spec.column("response", "output")
                             if ctx.spec.formatting == "alpaca" else None,
                             fix="remove the row or write the answer", reason="empty response")
@@ -209,10 +228,13 @@ def to_text(ctx: RowContext) -> str:
     return "\n".join(m.content for m in from_sharegpt(ctx).messages)
 
 
-def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered: bool = False) -> Conversation:
+def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered: bool = False,
+                    reasoning_tags: tuple[str, str] = ("<think>", "</think>")) -> Conversation:
     """A row as `rows` asks (the stage's data kind): "text", "chat" or "pairs" (a chosen and a rejected answer).
-    `allow_unanswered`: for prediction, a conversation may end with the user's turn."""
-    ctx = RowContext(spec, raw, allow_unanswered)
+    `allow_unanswered`: for prediction, a conversation may end with the user's turn. An assistant turn's
+    reasoning comes from its reasoning field (OpenAI `reasoning_content`, the `reasoning` column or tag) or from
+    a block in `reasoning_tags` at the start of its text."""
+    ctx = RowContext(spec, raw, allow_unanswered, reasoning_tags)
     if rows == "text":
         text = to_text(ctx)
         if not text.strip():
@@ -225,4 +247,5 @@ def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered:
                         "dataset_info.json"), field=spec.name, reason="bad registry")
     conv = from_alpaca(ctx) if spec.formatting == "alpaca" else from_sharegpt(ctx)
     check_responses(ctx, conv)
+    conv.source = (raw.file, raw.row)
     return conv

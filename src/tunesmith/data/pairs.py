@@ -69,8 +69,8 @@ def encode_pair(conv: Conversation, template: Any, tokenizer: Any, cutoff_len: i
     """(chosen Encoded, rejected Encoded); the pair is dropped if either side cannot be kept."""
     out = []
     for answer in (conv.chosen, conv.rejected):
-        full = Conversation(conv.messages + [answer], system=conv.system, tools=conv.tools)  # type: ignore[list-item]
-        out.append(encode_chat(template.render_chat(full), tokenizer, cutoff_len, mask_history=True,
+        last = template.render_chat(conv.with_answer(answer))[-1]  # type: ignore[arg-type]
+        out.append(encode_chat(last, tokenizer, cutoff_len, mask_history=True,
                                truncation=truncation))
     if not any(label != IGNORE for label in out[0].labels) or not any(l != IGNORE for l in out[1].labels):
         raise Dropped("no supervised tokens")

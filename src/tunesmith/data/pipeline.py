@@ -34,6 +34,9 @@ class DataReport:
     samples_dropped: Counter = field(default_factory=Counter)  # per reason (truncation: drop, empty labels, ...)
     truncated: int = 0
     pt_chunks_split: int = 0
+    expanded: int = 0  # conversations the template renders as several sequences (one per turn group)
+    expansion_sequences: int = 0  # the sequences those added
+    expansion_tokens: int = 0  # the tokens those added (beyond each conversation's longest sequence)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: dict(v) if isinstance(v, Counter) else v for k, v in vars(self).items()}
@@ -165,16 +168,40 @@ def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, t
                 report.pt_chunks_split += len(chunks) - 1 if len(chunks) > 1 else 0
                 samples += chunks
                 continue
-            enc = encode_chat(template.render_chat(conv), tokenizer, d.cutoff_len,  # type: ignore[union-attr]
-                              d.train_on_prompt, d.mask_history, d.truncation)
-            report.truncated += enc.truncated
-            samples.append(enc)
+            samples += encode_conversation(conv, template, tokenizer, d, report)
         except Dropped as drop:
             report.samples_dropped[drop.reason] += 1
+        except DataError as err:  # the template refused the conversation
+            if d.on_bad_row == "error":
+                raise
+            report.rows_bad[err.reason] += 1
     if not samples:
         raise DataError("no samples left after encoding: " + ", ".join(
             f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
     return EncodedSet.from_samples(samples)
+
+
+def encode_conversation(conv: Conversation, template: Any, tokenizer: Any, d: Any, report: DataReport) -> list:
+    """A chat's sequences, encoded (with mask_history only the one holding the last turn, as it trains alone)."""
+    sequences = template.render_chat(conv)
+    if d.mask_history:
+        sequences = sequences[-1:]
+    encoded = []
+    for rendered in sequences:
+        try:
+            encoded.append(encode_chat(rendered, tokenizer, d.cutoff_len, d.train_on_prompt, d.mask_history,
+                                       d.truncation))
+        except Dropped as drop:
+            if len(sequences) == 1:
+                raise
+            report.samples_dropped[drop.reason] += 1
+    report.truncated += sum(e.truncated for e in encoded)
+    if len(sequences) > 1:
+        lengths = [len(e.input_ids) for e in encoded]
+        report.expanded += 1
+        report.expansion_sequences += len(sequences) - 1
+        report.expansion_tokens += sum(lengths) - max(lengths, default=0)
+    return encoded
 
 
 def encode_all_pairs(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: Any,

@@ -11,16 +11,19 @@ from tunesmith.data.errors import DataError
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 COLUMN_KEYS = {"prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected",
-               "text", "kto_tag", "images", "videos", "audios"}
-TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag"}
+               "text", "kto_tag", "reasoning", "images", "videos", "audios"}
+TAG_KEYS = {"role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag",
+            "reasoning_tag"}
 ENTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "formatting",
               "ranking", "subset", "split", "folder", "num_samples", "columns", "tags", "load_from"}
 
 DEFAULT_TAGS = {
     "sharegpt": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"},
+                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system",
+                 "reasoning_tag": "reasoning_content"},
     "openai": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system"},
+               "observation_tag": "tool", "function_tag": "function_call", "system_tag": "system",
+               "reasoning_tag": "reasoning_content"},
 }
 
 

@@ -10,7 +10,6 @@ whitespace excluded. So the training format can never drift from the format the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -20,24 +19,8 @@ import yaml
 
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.errors import DataError
-
-SENTINEL = "\u2063tunesmith-sentinel\u2063"
-
-
-@dataclass
-class Segment:
-    start: int
-    end: int
-    is_response: bool
-    turn: int  # index of the assistant turn this segment belongs to (prompt segments: the turn they lead to)
-
-
-@dataclass
-class RenderedChat:
-    text: str
-    segments: list[Segment]
-    content_spans: list[tuple[int, int]] = field(default_factory=list)  # message texts that may be shortened
-
+from tunesmith.data.template_forms import Forms, probe, template_messages
+from tunesmith.data.turns import RenderedChat, Segment, build_sequences  # noqa: F401  (re-exported)
 
 @lru_cache(maxsize=1)
 def _named_data() -> dict[str, Any]:
@@ -97,96 +80,116 @@ def named_to_jinja(name: str) -> tuple[str, list[str]]:
 
 
 class ChatTemplate:
-    """A Jinja chat template plus what generation needs to know about it."""
+    """A Jinja chat template plus what generation needs to know about it. `kwargs` are extra template variables
+    (`template_kwargs` and `enable_thinking`), passed on every rendering, in training and at inference alike."""
 
-    def __init__(self, name: str, jinja: str, tokenizer: Any, stop: list[str] | None = None,
-                 default_system: str | None = None):
+    def __init__(self, name: str, jinja: str | dict[str, str], tokenizer: Any, stop: list[str] | None = None,
+                 default_system: str | None = None, kwargs: dict[str, Any] | None = None,
+                 enable_thinking: bool = True, reasoning_tags: tuple[str, str] = ("<think>", "</think>")):
         self.name, self.jinja, self.tokenizer, self.default_system = name, jinja, tokenizer, default_system
-        self.stop = stop or self._derive_stop()
+        self.enable_thinking = enable_thinking
+        self.template_kwargs = dict(kwargs or {})
+        self.kwargs = {**self.template_kwargs, "enable_thinking": enable_thinking}
+        self.reasoning_tags = reasoning_tags
+        self._stop = stop
+        self._forms: Forms | None = None
+
+    @property
+    def forms(self) -> Forms:
+        if self._forms is None:
+            self._forms = probe(self.render, self.tokenizer, self.reasoning_tags)
+        return self._forms
+
+    @property
+    def stop(self) -> list[str]:
+        """End-of-turn strings generation stops at: the template's end of turn (or the headers of the turns that
+        follow, where it writes none) and the EOS token."""
+        if self._stop is None:
+            forms = self.forms
+            stops = [forms.end_of_turn] if forms.end_of_turn else list(forms.turn_openers)
+            eos = getattr(self.tokenizer, "eos_token", None)
+            self._stop = stops + ([eos] if eos and eos not in stops else [])
+        return self._stop
+
+    def source_for(self, tools: Any) -> str:
+        if isinstance(self.jinja, dict):
+            return self.jinja.get("tool_use" if tools else "default") or self.jinja.get("default") \
+                or next(iter(self.jinja.values()))
+        return self.jinja
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict] | None = None,
-               add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=self.jinja, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def _derive_stop(self) -> list[str]:
-        """The end-of-turn text: what the template writes right after an assistant's content."""
-        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
+               add_generation_prompt: bool = False, conv: Conversation | None = None) -> str:
+        """apply_chat_template's text; an error the template raises names the conversation's row."""
         try:
-            after = self.render(msgs).split(SENTINEL, 1)[1].strip()
-        except Exception:
-            after = ""
-        stops = [after] if after else []
-        eos = getattr(self.tokenizer, "eos_token", None)
-        if eos and eos not in stops:
-            stops.append(eos)
-        return stops
+            return self.tokenizer.apply_chat_template(messages, tools=tools, chat_template=self.source_for(tools),
+                                                      tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **self.kwargs)
+        except Exception as err:  # the template's own raise_exception(), or a Jinja error in its code
+            if conv is None:
+                raise
+            file, row = conv.source if conv.source else (None, None)
+            raise DataError(f"the chat template `{self.name}` cannot render this conversation: {err}", file=file,
+                            row=row, fix="change the conversation as the template's message asks (e.g. drop the "
+                            "system turn or merge it into `default_system`), or use another template",
+                            reason="template refused the conversation") from None
 
     def messages_of(self, conv: Conversation) -> list[dict[str, Any]]:
-        messages = conv.hf_messages()
-        if not conv.system and self.default_system:
-            messages.insert(0, {"role": "system", "content": self.default_system})
-        return messages
+        return template_messages(conv, self.forms, self.default_system, self.enable_thinking)
 
     def render_prompt(self, conv: Conversation) -> str:
         """The prompt for generation: everything up to the last user turn plus the generation prompt."""
-        messages = self.messages_of(conv)
-        if messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        return self.render(messages, conv.tools, add_generation_prompt=True)
+        if conv.messages and conv.messages[-1].role == "assistant":
+            conv = Conversation(conv.messages[:-1], conv.system, conv.tools, source=conv.source)
+        return self.render(self.messages_of(conv), conv.tools, add_generation_prompt=True, conv=conv)
 
-    def render_chat(self, conv: Conversation) -> RenderedChat:
-        messages = self.messages_of(conv)
-        full = self.render(messages, conv.tools)
-        segments, cursor, turn = [], 0, 0
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], conv.tools, add_generation_prompt=True)
-            upto = self.render(messages[: i + 1], conv.tools)
-            if not upto.startswith(before) or not full.startswith(upto) or len(before) < cursor:
-                raise DataError(
-                    f"template `{self.name}` does not render conversations prefix by prefix (assistant turn {turn} "
-                    "renders differently once later turns follow), so the loss mask cannot be derived",
-                    fix="set `template` to a named template (chatml, llama3, qwen, default, ...)",
-                    reason="template not prefix-stable")
-            end = len(upto.rstrip())
-            segments.append(Segment(cursor, len(before), False, turn))
-            segments.append(Segment(len(before), end, True, turn))
-            cursor, turn = end, turn + 1
-        if cursor < len(full):
-            segments.append(Segment(cursor, len(full), False, turn))
-        return RenderedChat(full, segments, _content_spans(full, messages))
+    def render_chat(self, conv: Conversation) -> list[RenderedChat]:
+        """The sequences that train this conversation (one unless the template renders history differently)."""
+        return build_sequences(self, conv, self.messages_of(conv))
 
 
-def _content_spans(text: str, messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Where each message's own text sits in the rendering (found in order); these may be shortened."""
-    spans, cursor = [], 0
-    for msg in messages:
-        content = msg.get("content") or ""
-        if not content:
-            continue
-        at = text.find(content, cursor)
-        if at >= 0:
-            spans.append((at, at + len(content)))
-            cursor = at + len(content)
-    return spans
+def template_problem(name: str) -> str | None:
+    """Why `name` is not a template tunesmith can use (checked with the config, before anything loads)."""
+    data = _named_data()
+    if name == "auto" or name in data["templates"] or name in data["llamafactory"]:
+        return None
+    if name.endswith(".jinja"):
+        return None if Path(name).is_file() else f"template file `{name}` not found"
+    return (f"unknown template `{name}`: use `auto`, a .jinja file, one of {', '.join(template_names())}, or a "
+            f"LLaMA-Factory name ({', '.join(sorted(data['llamafactory']))})")
 
 
-def load_template(name: str, tokenizer: Any, default_system: str | None = None) -> ChatTemplate:
-    """`auto`, a named template, or a path to a .jinja file."""
-    if name == "auto":
+def template_note(name: str) -> str | None:
+    """What a LLaMA-Factory user should know about `name`: how it is rendered here, or how it differs."""
+    data = _named_data()
+    if name in data["llamafactory"]:
+        settings = ", ".join(f"{k}={v}" for k, v in data["llamafactory"][name].items())
+        return f"template `{name}`: the model's own chat template" + (f" with {settings}" if settings else "")
+    if name in data["differs"]:
+        return f"template `{name}` differs from LLaMA-Factory's: {data['differs'][name]}"
+    return None
+
+
+def load_template(name: str, tokenizer: Any, default_system: str | None = None,
+                  kwargs: dict[str, Any] | None = None, enable_thinking: bool = True,
+                  reasoning_tags: tuple[str, str] = ("<think>", "</think>")) -> ChatTemplate:
+    """`auto`, a named template, a LLaMA-Factory name (the model's own template with that name's settings), or
+    a path to a .jinja file."""
+    data = _named_data()
+    settings = {"default_system": default_system, "kwargs": kwargs, "enable_thinking": enable_thinking,
+                "reasoning_tags": reasoning_tags}
+    if name == "auto" or name in data["llamafactory"]:
         jinja = getattr(tokenizer, "chat_template", None)
         if not jinja:
-            raise DataError("`template: auto` but the tokenizer has no chat template",
+            what = "`template: auto`" if name == "auto" else f"template `{name}` (LLaMA-Factory's name for the " \
+                "model's own chat template)"
+            raise DataError(f"{what} but the tokenizer has no chat template",
                             fix=f"set `template` to one of: {', '.join(template_names())}", reason="bad template")
-        if isinstance(jinja, dict):
-            jinja = jinja.get("default") or next(iter(jinja.values()))
-        return ChatTemplate("auto", jinja, tokenizer, default_system=default_system)
-    if name in _named_data()["templates"]:
+        if name != "auto" and data["llamafactory"][name].get("enable_thinking") is False:
+            settings["enable_thinking"] = False
+        return ChatTemplate(name, jinja, tokenizer, **settings)
+    if name in data["templates"]:
         jinja, stop = named_to_jinja(name)
-        return ChatTemplate(name, jinja, tokenizer, stop=stop or None, default_system=default_system)
+        return ChatTemplate(name, jinja, tokenizer, stop=stop or None, **settings)
     if name.endswith(".jinja") and Path(name).is_file():
-        return ChatTemplate(name, Path(name).read_text(encoding="utf-8"), tokenizer, default_system=default_system)
-    raise DataError(f"unknown template `{name}`",
-                    fix=f"use `auto`, a .jinja file, or one of: {', '.join(template_names())}", reason="bad template")
+        return ChatTemplate(name, Path(name).read_text(encoding="utf-8"), tokenizer, **settings)
+    raise DataError(template_problem(name) or f"unknown template `{name}`", reason="bad template")

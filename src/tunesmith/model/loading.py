@@ -87,7 +87,8 @@ def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any =
 def save_template_info(out_dir: Path, template: Any) -> None:
     if template is None:
         return
-    info = {"name": template.name, "stop": template.stop, "default_system": template.default_system}
+    info = {"name": template.name, "stop": template.stop, "default_system": template.default_system,
+            "enable_thinking": template.enable_thinking, "template_kwargs": template.template_kwargs}
     (out_dir / TEMPLATE_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
 

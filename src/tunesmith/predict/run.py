@@ -58,7 +58,7 @@ def predict_rewards(cfg: Config, tokenizer: Any, template: Any, samples: list[Co
     lm = load_for_inference(cfg)
     rows = []
     for conv in samples:
-        texts = [template.render_chat(Conversation(conv.messages + [answer], system=conv.system, tools=conv.tools)).text
+        texts = [template.render_chat(conv.with_answer(answer))[-1].text  # type: ignore[arg-type]
                  for answer in (conv.chosen, conv.rejected)]
         chosen, rejected = score_sequences(lm, head_dir, tokenizer, texts)
         rows.append({"prompt": template.render_prompt(conv), "chosen": conv.chosen.content,  # type: ignore[union-attr]
