@@ -117,8 +117,9 @@ def _probe_tools(render: Callable[..., str], user: dict, forms: Forms) -> None:
 
 
 def call_id(conv: Conversation, turn: int, k: int) -> str:
-    """A stable 9-character alphanumeric id (the form the strictest templates accept) for a call with none."""
-    seed = json.dumps([conv.system, [m.content for m in conv.messages], turn, k], ensure_ascii=False)
+    """A stable 9-character alphanumeric id (the form the strictest templates accept) for a call with none; it
+    depends only on the conversation up to the call, so a served prefix gets the id training saw."""
+    seed = json.dumps([conv.system, [m.content for m in conv.messages[:turn + 1]], turn, k], ensure_ascii=False)
     digest = hashlib.sha256(seed.encode()).digest()
     return "".join(ID_CHARS[b % len(ID_CHARS)] for b in digest[:9])
 

@@ -35,6 +35,7 @@ class RenderedChat:
     segments: list[Segment]
     content_spans: list[tuple[int, int]]  # message texts that may be shortened
     turns: list[int]  # the assistant turns trained in this sequence
+    whole: bool = False  # the text is the template's rendering of the whole conversation
 
 
 @dataclass
@@ -62,15 +63,16 @@ def derive_turns(template: Any, conv: Conversation, messages: list[dict[str, Any
         k = len(turns)
         prompt = template.render(messages[:i], conv.tools, add_generation_prompt=True, conv=conv)
         upto = template.render(messages[: i + 1], conv.tools, conv=conv)
+        tag = next((t for t in forms.tags if prompt.rstrip().endswith(t)), None)
+        head = prompt[: prompt.rstrip().rfind(tag)] if tag else prompt
         if upto.startswith(prompt):
             tail = upto[len(prompt):]
-        elif forms.reasoning == "forced" and prompt.rstrip().endswith(forms.tags[0]):
-            head = prompt[: prompt.rstrip().rfind(forms.tags[0])]
-            if not upto.startswith(head):
-                raise _not_continuing(template, conv, k)
+        elif tag == forms.tags[0] and upto.startswith(head):  # the prompt opens a block no rendered turn keeps
             sep = "\n" if prompt.endswith("\n") else ""
             reasoning = (reasonings[k] or "").strip("\n")
             tail = reasoning + sep + forms.tags[1] + sep * 2 + upto[len(head):].lstrip("\n")
+        elif tag == forms.tags[1] and upto.startswith(head):  # the prompt closes an empty block: the answer follows
+            tail = upto[len(head):].lstrip("\n")
         else:
             raise _not_continuing(template, conv, k)
         turns.append(Turn(k, prompt, _cut_at_end(tail, forms.end_of_turn)))
@@ -104,7 +106,7 @@ def build_sequences(template: Any, conv: Conversation, messages: list[dict[str, 
             left = [t for t in left if t not in members]
             groups.append((last.text, members + [last]))
         groups.reverse()
-    return [_rendered(text, members, template.forms, conv) for text, members in groups]
+    return [_rendered(text, members, template.forms, conv, text == full) for text, members in groups]
 
 
 def _embedded(text: str, turns: list[Turn]) -> bool:
@@ -117,8 +119,8 @@ def _embedded(text: str, turns: list[Turn]) -> bool:
     return True
 
 
-def _rendered(text: str, turns: list[Turn], forms: Any, conv: Conversation) -> RenderedChat:
-    segments, cursor = [], 0
+def _rendered(text: str, turns: list[Turn], forms: Any, conv: Conversation, whole: bool) -> RenderedChat:
+    segments, cursor, rendered = [], 0, text
     for t in turns:
         start, end = len(t.prompt), len(t.text)
         if not forms.end_written:  # the next turn's header ends this one: train it too (append it at the end)
@@ -131,7 +133,8 @@ def _rendered(text: str, turns: list[Turn], forms: Any, conv: Conversation) -> R
         cursor = end
     if cursor < len(text):
         segments.append(Segment(cursor, len(text), False, turns[-1].number + 1 if turns else 0))
-    return RenderedChat(text, segments, _content_spans(text, conv), [t.number for t in turns])
+    return RenderedChat(text, segments, _content_spans(text, conv), [t.number for t in turns],
+                        whole and text == rendered)
 
 
 def _content_spans(text: str, conv: Conversation) -> list[tuple[int, int]]:
