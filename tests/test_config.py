@@ -143,13 +143,21 @@ def test_one_process_per_visible_gpu_unless_told_or_launched(monkeypatch):
 
 
 def test_llamafactory_keys_we_lack_are_named_and_inverted_switches_work(tmp_path):
-    path = write(tmp_path, "enable_thinking: true\nuse_cpu: true\ndisable_gradient_checkpointing: false\n")
+    path = write(tmp_path, "mixture_of_depths: convert\nuse_cpu: true\ndisable_gradient_checkpointing: false\n")
     with pytest.raises(ConfigError) as err:
         load_config([path])
-    assert err.value.problems == [f"{path}: `enable_thinking` is a LLaMA-Factory setting tunesmith does not support "
-                                  "yet; remove it"]
-    cfg = load_config([write(tmp_path, "use_cpu: true\ndisable_gradient_checkpointing: false\n")])
+    assert err.value.problems == [f"{path}: `mixture_of_depths` is a LLaMA-Factory setting tunesmith does not "
+                                  "support yet; remove it"]
+    cfg = load_config([write(tmp_path, "use_cpu: true\nsave_only_model: true\ndisable_gradient_checkpointing: false\n")])
     assert cfg.training.gradient_checkpointing is True
+    assert cfg.ignored_keys == ["save_only_model", "use_cpu"]  # named in the log by the CLI
+    path = write(tmp_path, "fp8: true\nfp8_backend: te\nray_num_workers: 2\nplacement_strategy: PACK\n"
+                           "enable_thinking: false\n")
+    with pytest.raises(ConfigError) as err:
+        load_config([path])
+    assert [p.split("`")[1] for p in err.value.problems] == ["fp8", "fp8_backend", "ray_num_workers",
+                                                             "placement_strategy"]
+    assert all("is not supported" in p for p in err.value.problems)
 
 
 def test_deepspeed_auto_values_filled_and_conflicts_named(tmp_path):
@@ -200,3 +208,17 @@ def test_the_settings_page_is_generated_from_the_dataclasses():
     spec.loader.exec_module(module)
     assert (ROOT / "docs" / "llamafactory_keys.md").read_text(encoding="utf-8") == module.render(), \
         "docs/llamafactory_keys.md is stale: run python scripts/make_keys_doc.py"
+
+
+def test_template_names_are_checked_with_the_config(tmp_path):
+    from tunesmith.config.validate import check_model
+
+    def problems(**model):
+        cfg = load_config([write(tmp_path, "model_name_or_path: m\n" + "".join(f"{k}: {v}\n" for k, v in model.items()))])
+        return check_model(cfg)
+
+    assert problems(template="qwen3_nothink") == [] and problems(template="deepseekr1") == []
+    [problem] = problems(template="qwen3_nothinking")
+    assert problem.startswith("`template`: unknown template `qwen3_nothinking`") and "qwen3_nothink" in problem
+    assert problems(template="missing.jinja") == ["`template`: template file `missing.jinja` not found"]
+    assert "two tags" in problems(reasoning_tags="<think>")[0]

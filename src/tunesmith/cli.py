@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight(name, cfg)  # every check that needs no model, before torch is imported
         prepare_process(cfg)
+        if getattr(cfg, "ignored_keys", None):
+            import logging
+
+            logging.getLogger("tunesmith").info("accepted without effect (they change nothing in tunesmith): %s",
+                                                ", ".join(cfg.ignored_keys))
         module = importlib.import_module(command.module)
         return int(module.run(cfg, extras) or 0)
     except ConfigError as err:

@@ -359,8 +359,17 @@ NOT_SUPPORTED: dict[str, str] = {
     "new_special_tokens": "adding special tokens is not supported yet",
 }
 
-# Keys LLaMA-Factory (or transformers' TrainingArguments) accept that have no effect here; accepted quietly
-# because they describe the environment rather than the job.
+# Key families of LLaMA-Factory that tunesmith does not implement, by prefix (fp8_backend, ray_num_workers, ...).
+NOT_SUPPORTED_PREFIXES: dict[str, str] = {
+    "fp8": "FP8 training is not supported (bf16 or fp32 on CPUs, bf16/fp16 on GPUs)",
+    "ray": "launching through Ray is not supported; use torchrun (see docs/distributed.md)",
+    "profil": "the training profiler is not supported",
+}
+for _ray_key in ("resources_per_worker", "placement_strategy"):
+    NOT_SUPPORTED[_ray_key] = NOT_SUPPORTED_PREFIXES["ray"]
+
+# Keys LLaMA-Factory (or transformers' TrainingArguments) accept that have no effect here: accepted, and named
+# in the log, because they describe the environment rather than the job.
 IGNORED: set[str] = {"ddp_find_unused_parameters", "save_only_model", "dataloader_pin_memory", "logging_first_step",
                      "remove_unused_columns", "include_num_input_tokens_seen", "use_fast_tokenizer", "print_param_status",
                      "use_cpu", "tf32", "save_safetensors", "eval_accumulation_steps", "low_cpu_mem_usage"}

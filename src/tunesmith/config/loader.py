@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from tunesmith.config.fields import ALIAS_VALUES, ALIASES, GROUPS, IGNORED, INVERTED, NOT_SUPPORTED, Config
+from tunesmith.config.fields import (ALIAS_VALUES, ALIASES, GROUPS, IGNORED, INVERTED, NOT_SUPPORTED,
+                                     NOT_SUPPORTED_PREFIXES, Config)
 
 KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*=")
 
@@ -209,15 +210,19 @@ def build_config(raw: list[tuple[str, Any, str, bool]]) -> Config:
     index = field_index()
     cfg = Config()
     problems: list[str] = []
+    ignored: list[str] = []
     for key, value, where, from_text in raw:
         original = key
         if key in ALIAS_VALUES and isinstance(value, str) and value in ALIAS_VALUES[key]:
             value = ALIAS_VALUES[key][value]
         key = ALIASES.get(key, key)
         if key in IGNORED:
+            ignored.append(original)
             continue
-        if key in NOT_SUPPORTED:
-            problems.append(f"{where}: `{original}` is not supported: {NOT_SUPPORTED[key]}; remove it")
+        prefix = next((p for p in NOT_SUPPORTED_PREFIXES if key.startswith(p) and key not in index), None)
+        if key in NOT_SUPPORTED or prefix:
+            why = NOT_SUPPORTED[key] if key in NOT_SUPPORTED else NOT_SUPPORTED_PREFIXES[prefix]  # type: ignore[index]
+            problems.append(f"{where}: `{original}` is not supported: {why}; remove it")
             continue
         if key in INVERTED:
             try:
@@ -240,6 +245,7 @@ def build_config(raw: list[tuple[str, Any, str, bool]]) -> Config:
             problems.append(f"{where}: `{original}`: {err}")
     if problems:
         raise ConfigError(problems)
+    cfg.ignored_keys = sorted(set(ignored))  # type: ignore[attr-defined]
     return cfg
 
 

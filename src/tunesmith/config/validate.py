@@ -19,6 +19,15 @@ def check_model(cfg: Config) -> list[str]:
     problems = []
     if not cfg.model.model_name_or_path:
         problems.append("`model_name_or_path` is required: the base model folder")
+    from tunesmith.data.templates import template_problem
+
+    template = template_problem(cfg.model.template)
+    if template:
+        problems.append(f"`template`: {template}")
+    tags = [t.strip() for t in cfg.data.reasoning_tags.split(",")]
+    if len(tags) != 2 or not all(tags):
+        problems.append(f"`reasoning_tags` must be two tags, comma separated (e.g. `<think>,</think>`), got "
+                        f"`{cfg.data.reasoning_tags}`")
     return problems
 
 
