@@ -31,6 +31,7 @@ class Forms:
     arguments: str = "mapping"  # mapping | string
     needs_ids: bool = False
     tool_calls: bool = True  # the template writes tool calls at all
+    call_style: str = "hermes"  # how a tool call is written: hermes | mistral | llama3 | glm (infer/tool_calls.py)
     end_of_turn: str = ""  # what the template writes after an assistant's text ("" if nothing)
     turn_openers: list[str] = field(default_factory=list)  # first tokens of a following turn (when nothing ends one)
 
@@ -112,8 +113,24 @@ def _probe_tools(render: Callable[..., str], user: dict, forms: Forms) -> None:
                 continue
             if SENT_VALUE in text and f'\\"{SENT_KEY}' not in text:
                 forms.arguments, forms.needs_ids = arguments, with_id
+                prompt = _safe(render, [user], PROBE_TOOLS, True) or ""
+                shared = next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt), len(text)))
+                forms.call_style = call_style(text[shared:].split(SENT_USER, 1)[0])
                 return
     forms.tool_calls = False
+
+
+def call_style(written: str) -> str:
+    """The style of a tool call as a template writes it (how infer/tool_calls.py reads a model's calls back)."""
+    if "<arg_key>" in written:
+        return "glm"
+    if "[TOOL_CALLS]" in written:
+        return "mistral"
+    if "<tool_call>" in written:
+        return "hermes"
+    if '"parameters"' in written:
+        return "llama3"
+    return "hermes"
 
 
 def call_id(conv: Conversation, turn: int, k: int) -> str:

@@ -3,37 +3,13 @@ reason, and the whole answer with tool calls parsed out. Shared by the transform
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from tunesmith.data.conversation import ToolCall
-
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
-
-
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Split a model's answer into its text and the tool calls written in the template's tool format
-    (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`). Malformed calls stay in the text."""
-    calls, kept = [], text
-    for match in TOOL_CALL_RE.finditer(text):
-        try:
-            data = json.loads(match.group(1))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and isinstance(data.get("name"), str):
-            arguments = data.get("arguments", {})
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except json.JSONDecodeError:
-                    continue
-            calls.append(ToolCall(data["name"], arguments if isinstance(arguments, dict) else {}))
-            kept = kept.replace(match.group(0), "")
-    return kept.strip(), calls
-
+from tunesmith.infer.reasoning import split_answer
+from tunesmith.infer.tool_calls import parse_tool_calls  # noqa: F401  (re-exported)
 
 @dataclass
 class Answer:
@@ -41,6 +17,7 @@ class Answer:
     tool_calls: list[ToolCall]
     completion_tokens: int
     finish_reason: str  # stop | length | tool_calls
+    reasoning: str | None = None  # the answer's reasoning block, when it wrote one
 
 
 class GenerationFailed(RuntimeError):
@@ -80,12 +57,17 @@ class Stream:
         self.join()
 
 
-def finish_answer(text: str, stream: Stream, tools: bool) -> Answer:
-    """The whole answer: tool calls parsed out of the text when the request offered tools."""
+def finish_answer(text: str, stream: Stream, tools: bool, style: str = "hermes",
+                  tags: tuple[str, str] | None = None, opened: bool = False) -> Answer:
+    """The whole answer: its reasoning block split off (with `tags`; `opened`: the prompt opened the block) and
+    tool calls parsed out of the rest, in the template's `style`, when the request offered tools."""
+    reasoning = None
+    if tags:
+        reasoning, text = split_answer(text, tags, opened)
     calls: list[ToolCall] = []
     if tools:
-        text, calls = parse_tool_calls(text)
-    return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason)
+        text, calls = parse_tool_calls(text, style)
+    return Answer(text, calls, stream.completion_tokens, "tool_calls" if calls else stream.finish_reason, reasoning)
 
 
 class ChatEngineBase:
@@ -102,6 +84,13 @@ class ChatEngineBase:
     def prompt_ids(self, conv: Any) -> list[int]:
         return self.tokenizer.encode(self.template.render_prompt(conv), add_special_tokens=False)
 
+    def answer_form(self, prompt: list[int]) -> dict[str, Any]:
+        """How to read this template's answers back: tool-call style, reasoning tags, and whether the prompt
+        (ending in the opening tag) already opened the reasoning block."""
+        tags = self.template.reasoning_tags
+        opened = self.tokenizer.decode(prompt[-8:]).rstrip().endswith(tags[0]) if prompt else False
+        return {"style": self.template.forms.call_style, "tags": tags, "opened": opened}
+
     def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
                seed: int | None = None) -> Stream:
         raise NotImplementedError
@@ -109,4 +98,4 @@ class ChatEngineBase:
     def answer(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, seed: int | None = None,
                tools: bool = False) -> Answer:
         stream = self.stream(prompt, gen, extra_stops, seed=seed)
-        return finish_answer("".join(stream), stream, tools)
+        return finish_answer("".join(stream), stream, tools, **self.answer_form(prompt))

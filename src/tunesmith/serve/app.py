@@ -23,6 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tunesmith.config import Config
 from tunesmith.infer.chat_engine import ChatEngine, GenerationFailed, Stream, finish_answer, generation_for
+from tunesmith.data.errors import DataError
+from tunesmith.infer.reasoning import ReasoningSplitter
+
+DELTA_FIELD = {"reasoning": "reasoning_content", "content": "content"}
 from tunesmith.serve.protocol import (APIError, check_request, choice, chunk, completion, parse_body, prompt_chars,
                                       to_conversation, usage)
 
@@ -156,7 +160,10 @@ def create_app(engine: ChatEngine, cfg: Config) -> FastAPI:
             too_long.message = (f"the prompt (at least {at_least} tokens) plus max_tokens ({gen.max_new_tokens}) "
                                 f"exceed the model's context of {engine.max_length} tokens")
             raise too_long
-        prompt = await asyncio.to_thread(engine.prompt_ids, conv)
+        try:
+            prompt = await asyncio.to_thread(engine.prompt_ids, conv)
+        except DataError as err:  # the chat template itself refuses these messages (e.g. a system turn)
+            raise APIError(400, err.message, "messages") from None
         if len(prompt) + gen.max_new_tokens > engine.max_length:
             too_long.message = (f"the prompt ({len(prompt)} tokens) plus max_tokens ({gen.max_new_tokens}) exceed "
                                 f"the model's context of {engine.max_length} tokens")
@@ -185,8 +192,9 @@ def create_app(engine: ChatEngine, cfg: Config) -> FastAPI:
             for i in range(body.get("n") or 1):
                 stream = engine.stream(prompt, gen, stops, seed=seed_for(body, i))
                 text = await read_all(stream, request)
-                answer = finish_answer(text, stream, bool(conv.tools))
-                choices.append(choice(i, answer.text, answer.tool_calls, answer.finish_reason))
+                answer = finish_answer(text, stream, bool(conv.tools), **engine.answer_form(prompt))
+                choices.append(choice(i, answer.text, answer.tool_calls, answer.finish_reason, answer.reasoning,
+                                      engine.template.forms.needs_ids))
                 used += answer.completion_tokens
         except ClientGone:
             return Response(status_code=499)
@@ -215,18 +223,26 @@ def create_app(engine: ChatEngine, cfg: Config) -> FastAPI:
             for i in range(body.get("n") or 1):
                 yield chunk(completion_id, model_name, {"role": "assistant", "content": ""}, None, i)
                 stream = current["stream"] = engine.stream(prompt, gen, stops, seed=seed_for(body, i))
+                form = engine.answer_form(prompt)
                 if body.get("tools"):  # tool calls are parsed from the whole answer, then sent as one delta
-                    answer = finish_answer(await read_all(stream, request), stream, True)
+                    answer = finish_answer(await read_all(stream, request), stream, True, **form)
+                    if answer.reasoning:
+                        yield chunk(completion_id, model_name, {"reasoning_content": answer.reasoning}, None, i)
                     if answer.text:
                         yield chunk(completion_id, model_name, {"content": answer.text}, None, i)
                     if answer.tool_calls:
-                        calls = choice(i, "", answer.tool_calls, "")["message"]["tool_calls"]
+                        calls = choice(i, "", answer.tool_calls, "", None,
+                                       engine.template.forms.needs_ids)["message"]["tool_calls"]
                         delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
                         yield chunk(completion_id, model_name, delta, None, i)
                     finish = answer.finish_reason
-                else:
+                else:  # reasoning and content stream as they come, each in its own field
+                    splitter = ReasoningSplitter(form["tags"], form["opened"])
                     async for piece in pieces(stream, request):
-                        yield chunk(completion_id, model_name, {"content": piece}, None, i)
+                        for kind, text in splitter.feed(piece):
+                            yield chunk(completion_id, model_name, {DELTA_FIELD[kind]: text}, None, i)
+                    for kind, text in splitter.finish():
+                        yield chunk(completion_id, model_name, {DELTA_FIELD[kind]: text}, None, i)
                     finish = stream.finish_reason
                 used += stream.completion_tokens
                 yield chunk(completion_id, model_name, {}, finish, i)

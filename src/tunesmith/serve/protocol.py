@@ -145,7 +145,8 @@ def _tool_calls(message: dict[str, Any], index: int) -> list[ToolCall]:
         if not isinstance(function.get("name"), str) or not isinstance(arguments, dict):
             raise APIError(400, f"messages[{index}]: a tool call needs a function name and object arguments",
                            f"messages.{index}.tool_calls")
-        calls.append(ToolCall(function["name"], arguments))
+        ident = call.get("id")
+        calls.append(ToolCall(function["name"], arguments, ident if isinstance(ident, str) and ident else None))
     return calls
 
 
@@ -169,7 +170,13 @@ def to_conversation(body: dict[str, Any]) -> Conversation:
             want = "a user or tool" if expect_user else "an assistant"
             raise APIError(400, f"messages[{i}] is `{role}` where {want} message was expected: turns must "
                            "alternate user, assistant, user, ...", f"messages.{i}.role")
-        conv.messages.append(Message(role, _content(msg, i), _tool_calls(msg, i) if role == "assistant" else []))
+        reasoning = msg.get("reasoning_content", msg.get("reasoning")) if role == "assistant" else None
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise APIError(400, f"messages[{i}].reasoning_content must be text", f"messages.{i}.reasoning_content")
+        call_id = msg.get("tool_call_id") if role == "tool" else None
+        conv.messages.append(Message(role, _content(msg, i), _tool_calls(msg, i) if role == "assistant" else [],
+                                     reasoning=reasoning,
+                                     tool_call_id=call_id if isinstance(call_id, str) and call_id else None))
     if not conv.messages or conv.messages[-1].role == "assistant":
         raise APIError(400, "the last message must be from the user (or a tool result)", "messages")
     return conv
@@ -191,10 +198,18 @@ def completion(model: str, choices: list[dict[str, Any]], prompt_tokens: int, co
             "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def choice(index: int, text: str, calls: list[ToolCall], finish: str) -> dict[str, Any]:
+def new_call_id(short: bool) -> str:
+    """An id for a call the model wrote without one: 9 alphanumerics where the template insists (Mistral)."""
+    return uuid.uuid4().hex[:9] if short else f"call_{uuid.uuid4().hex[:24]}"
+
+
+def choice(index: int, text: str, calls: list[ToolCall], finish: str, reasoning: str | None = None,
+           short_ids: bool = False) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if calls:
-        message["tool_calls"] = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+        message["tool_calls"] = [{"id": c.id or new_call_id(short_ids), "type": "function",
                                   "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
                                  for c in calls]
     return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
