@@ -14,7 +14,8 @@ class ReasoningSplitter:
         self.open_tag, self.close_tag = tags
         self.mode = "reasoning" if opened else "start"  # start | reasoning | content
         self.buffer = ""
-        self.after_close = False  # drop the newlines that follow the closing tag
+        self.after_open = True  # drop the newlines that follow the opening tag
+        self.after_close = False  # and those that follow the closing tag
         self.saw_block = opened
 
     def feed(self, piece: str) -> list[tuple[str, str]]:
@@ -32,6 +33,11 @@ class ReasoningSplitter:
                     continue
                 return out  # still undecided
             if self.mode == "reasoning":
+                if self.after_open:
+                    self.buffer = self.buffer.lstrip("\n")
+                    if not self.buffer:
+                        return out
+                    self.after_open = False
                 at = self.buffer.find(self.close_tag)
                 if at >= 0:
                     text = self.buffer[:at].rstrip("\n")
@@ -40,7 +46,7 @@ class ReasoningSplitter:
                     self.buffer, self.mode, self.after_close = self.buffer[at + len(self.close_tag):], "content", True
                     continue
                 keep = _partial_suffix(self.buffer, self.close_tag)
-                ready = self.buffer[: len(self.buffer) - keep]
+                ready = self.buffer[: len(self.buffer) - keep].rstrip("\n")  # newlines may precede the tag
                 if ready:
                     out.append(("reasoning", ready))
                 self.buffer = self.buffer[len(ready):]
