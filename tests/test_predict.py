@@ -128,3 +128,23 @@ def test_vllm_engine_arguments_follow_the_adapter_and_llamafactory_keys(tmp_path
     assert (kwargs["max_model_len"], kwargs["gpu_memory_utilization"], kwargs["enforce_eager"]) == (8192, 0.5, True)
     assert (kwargs["tensor_parallel_size"], kwargs["max_num_seqs"]) == (4, 8)
     assert "max_lora_rank" not in engine_kwargs(load_config(["model_name_or_path=m"]), [])
+
+
+def test_reasoning_is_split_off_before_scoring(tmp_path, monkeypatch):
+    import tunesmith.predict.run as predict_run
+    from tunesmith.infer.hf import Generation
+
+    class Thinker:  # answers every prompt right, after a reasoning block
+        def generate(self, prompts, batch_size, progress=False):
+            return [Generation(f"<think>\nworking on it\n</think>\n\n{answer}", 9) for answer in ("4", "6")][:len(prompts)]
+
+    monkeypatch.setattr(predict_run, "make_engine", lambda *args: Thinker())
+    write_dataset(tmp_path, "sums", [{"instruction": "2 plus 2?", "output": "<think>\n2 and 2\n</think>\n\n4"},
+                                     {"instruction": "3 plus 3?", "output": "6"}])
+    out = tmp_path / "out"
+    assert main(["predict", f"model_name_or_path={TINY_MODEL}", "dataset=sums", f"dataset_dir={tmp_path}",
+                 "template=chatml", f"output_dir={out}"]) == 0
+    rows = [json.loads(l) for l in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert [(r["predict"], r["reasoning"], r["label"]) for r in rows] == [("4", "working on it", "4"),
+                                                                          ("6", "working on it", "6")]
+    assert json.loads((out / "predict_results.json").read_text())["predict_exact_match"] == 100.0

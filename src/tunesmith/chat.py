@@ -9,6 +9,7 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.config.validate import check_finetuning, check_model, raise_if
 from tunesmith.data.conversation import Conversation, Message
+from tunesmith.infer.reasoning import split_answer
 
 HELP = "Type a message. `clear` forgets the conversation, `exit` quits, Ctrl-C stops an answer."
 
@@ -38,7 +39,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         print("Assistant: ", end="", flush=True)
         stop = threading.Event()
         answer = ""
-        pieces = engine.stream(engine.prompt_ids(conv), cfg.generation, stop_event=stop)
+        prompt = engine.prompt_ids(conv)
+        pieces = engine.stream(prompt, cfg.generation, stop_event=stop)
         try:
             for piece in pieces:
                 answer += piece
@@ -48,4 +50,6 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
             pieces.close()
             print(" [stopped]", end="")
         print(flush=True)
-        conv.messages.append(Message("assistant", answer))
+        # history keeps the reasoning beside the answer; the template drops or keeps it as it does when serving
+        reasoning, content = split_answer(answer, **engine.reasoning_form(prompt))
+        conv.messages.append(Message("assistant", content, reasoning=reasoning))

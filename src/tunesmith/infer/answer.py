@@ -91,6 +91,10 @@ class ChatEngineBase:
         opened = self.tokenizer.decode(prompt[-8:]).rstrip().endswith(tags[0]) if prompt else False
         return {"style": self.template.forms.call_style, "tags": tags, "opened": opened}
 
+    def reasoning_form(self, prompt: list[int]) -> dict[str, Any]:
+        form = self.answer_form(prompt)
+        return {"tags": form["tags"], "opened": form["opened"]}
+
     def stream(self, prompt: list[int], gen: Any, extra_stops: list[str] | None = None, stop_event: Any = None,
                seed: int | None = None) -> Stream:
         raise NotImplementedError

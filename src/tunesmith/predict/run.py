@@ -14,6 +14,7 @@ from tunesmith import stages
 from tunesmith.config import Config
 from tunesmith.config.validate import check_finetuning, check_model, raise_if
 from tunesmith.data.conversation import Conversation
+from tunesmith.infer.reasoning import split_answer
 from tunesmith.data.pipeline import DataReport, load_conversations, mix
 from tunesmith.data.registry import resolve
 
@@ -129,10 +130,14 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     seconds = time.time() - started
     out = Path(cfg.training.output_dir)  # type: ignore[arg-type]
     out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out / "generated_predictions.jsonl", [{"prompt": p, "predict": g.text, "label": l or ""}
-                                                      for p, g, l in zip(prompts, generations, labels)])
+    # the answer without its reasoning block is what is scored (the reference answers carry none either)
+    tags = template.reasoning_tags
+    split = [split_answer(g.text, tags, p.rstrip().endswith(tags[0])) for p, g in zip(prompts, generations)]
+    write_jsonl(out / "generated_predictions.jsonl", [
+        {"prompt": p, "predict": answer, "label": l or "", **({"reasoning": r} if r is not None else {})}
+        for p, (r, answer), l in zip(prompts, split, labels)])
     results: dict[str, Any] = {}
-    answered = [(g.text, l) for g, l in zip(generations, labels) if l is not None]
+    answered = [(answer, l) for (_, answer), l in zip(split, labels) if l is not None]
     if answered:
         results.update(score([p for p, _ in answered], [l for _, l in answered]))
         if len(answered) < len(samples):
