@@ -141,6 +141,9 @@ def test_cache_is_reused_and_rebuilt(tmp_path, tokenizer):
     write_dataset(tmp_path, "a", [{"instruction": "q", "output": "changed"}])
     cfg.data.overwrite_cache = False
     assert build_datasets(cfg, tokenizer, tmpl, "chat").cache_path != first.cache_path
+    # template settings are part of the key: the same data rendered without thinking is another cache
+    nothink = load_template("chatml", tokenizer, enable_thinking=False)
+    assert build_datasets(cfg, tokenizer, nothink, "chat").cache_path != build_datasets(cfg, tokenizer, tmpl, "chat").cache_path
 
 
 # ----------------------------------------------------------------------------- truncation

@@ -24,7 +24,7 @@ from tunesmith.data.registry import DatasetSpec, resolve
 from tunesmith.data.templates import ChatTemplate
 
 log = logging.getLogger("tunesmith.data")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass
@@ -247,6 +247,7 @@ def _fingerprint(cfg: Config, tokenizer: Any, template: ChatTemplate | None, row
         "tokenizer": hashlib.sha256((backend.to_str() if backend else str(tokenizer.get_vocab())).encode()).hexdigest(),
         "template": template.jinja if template else None,
         "system": template.default_system if template else None,
+        "template_kwargs": template.kwargs if template else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

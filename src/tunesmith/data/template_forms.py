@@ -170,7 +170,8 @@ def _put_reasoning(msg: dict[str, Any], reasoning: str | None, forms: Forms, con
     if forms.reasoning == "field":
         msg["reasoning_content"] = reasoning
     elif forms.reasoning == "inline":
-        msg["content"] = f"{forms.tags[0]}\n{reasoning}\n{forms.tags[1]}\n\n{msg['content']}"
+        gap = "\n\n" if msg["content"] else ""  # a tool-call turn: the template separates the calls itself
+        msg["content"] = f"{forms.tags[0]}\n{reasoning}\n{forms.tags[1]}{gap}{msg['content']}"
     elif forms.reasoning == "none" and reasoning.strip():
         raise DataError("the chat template drops the reasoning of answers (its generation prompt closes the "
                         "reasoning block, so the model is served without thinking)",
