@@ -1,10 +1,11 @@
 """Chat templates: one rendering path for all of them.
 
 Every template is a Jinja chat template rendered by transformers' own `apply_chat_template`: the model's own
-(`template: auto`), a named one from resources/templates.yaml (turned into Jinja here), or a .jinja file.
-Which characters belong to assistant turns is derived mechanically: render the conversation up to each
-assistant turn with the generation prompt (P), then including that turn (Q); the turn is Q minus P, trailing
-whitespace excluded. So the training format can never drift from the format the model is served with.
+(`template: auto`, or a LLaMA-Factory name for it), a named one from resources/templates.yaml (turned into Jinja
+here), or a .jinja file. What a template expects (reasoning, argument and id forms) is probed once
+(template_forms.py); which characters of a conversation are trained comes from rendering each turn's serving
+prompt and the turn itself (turns.py). So the training format can never drift from the format the model is
+served with.
 """
 
 from __future__ import annotations
