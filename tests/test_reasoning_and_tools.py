@@ -50,6 +50,10 @@ def test_streamed_split_equals_whole_split_at_any_piece_boundaries():
      [ToolCall("f", {"x": 1}, "Ab3dE6gH9"), ToolCall("g", {})]),
     ("mistral", '[TOOL_CALLS]f[ARGS]{"x": 1}', [ToolCall("f", {"x": 1})]),
     ("llama3", '{"name": "f", "parameters": {"x": 1}}', [ToolCall("f", {"x": 1})]),
+    ("deepseek", "<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>f<\uff5ctool\u2581sep\uff5c>"
+                 '{"x": 1}<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>', [ToolCall("f", {"x": 1})]),
+    ("deepseek", "<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>function<\uff5ctool\u2581sep\uff5c>f\n"
+                 '```json\n{"x": 1}\n```<\uff5ctool\u2581call\u2581end\uff5c><\uff5ctool\u2581calls\u2581end\uff5c>', [ToolCall("f", {"x": 1})]),
     ("glm", "<tool_call>f\n<arg_key>x</arg_key>\n<arg_value>1</arg_value>\n<arg_key>city</arg_key>\n"
             "<arg_value>Oslo</arg_value>\n</tool_call>", [ToolCall("f", {"x": 1, "city": "Oslo"})]),
 ])

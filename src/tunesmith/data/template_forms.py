@@ -31,7 +31,7 @@ class Forms:
     arguments: str = "mapping"  # mapping | string
     needs_ids: bool = False
     tool_calls: bool = True  # the template writes tool calls at all
-    call_style: str = "hermes"  # how a tool call is written: hermes | mistral | llama3 | glm (infer/tool_calls.py)
+    call_style: str = "hermes"  # how a tool call is written: hermes | mistral | llama3 | glm | deepseek (infer/tool_calls.py)
     end_of_turn: str = ""  # what the template writes after an assistant's text ("" if nothing)
     turn_openers: list[str] = field(default_factory=list)  # first tokens of a following turn (when nothing ends one)
 
@@ -107,7 +107,8 @@ def _probe_tools(render: Callable[..., str], user: dict, forms: Forms) -> None:
             if with_id:
                 call["id"] = "a1b2c3d4e"
             msgs = [user, {"role": "assistant", "content": "", "tool_calls": [call]},
-                    {"role": "tool", "content": SENT_USER, **({"tool_call_id": "a1b2c3d4e"} if with_id else {})}]
+                    {"role": "tool", "content": SENT_USER, "name": "ts_probe",
+                     **({"tool_call_id": "a1b2c3d4e"} if with_id else {})}]
             text = _safe(render, msgs, PROBE_TOOLS, False)
             if text is None:
                 continue
@@ -126,6 +127,8 @@ def call_style(written: str) -> str:
         return "glm"
     if "[TOOL_CALLS]" in written:
         return "mistral"
+    if "<\uff5ctool\u2581call\u2581begin\uff5c>" in written:
+        return "deepseek"
     if "<tool_call>" in written:
         return "hermes"
     if '"parameters"' in written:
@@ -148,18 +151,24 @@ def template_messages(conv: Conversation, forms: Forms, default_system: str | No
     system = conv.system or default_system
     if system:
         out.append({"role": "system", "content": system})
-    pending: list[str] = []  # ids of the last assistant turn's calls, for the tool results that follow
+    pending: list[tuple[str | None, str]] = []  # (id, name) of the last assistant turn's calls, for their results
     for turn, m in enumerate(conv.messages):
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.role == "assistant":
             _put_reasoning(msg, m.reasoning if enable_thinking else None, forms, conv)
             if m.tool_calls:
                 _put_calls(msg, m, forms, conv, turn)
-                pending = [c.get("id") for c in msg["tool_calls"]]
+                pending = [(c.get("id"), c["function"]["name"]) for c in msg["tool_calls"]]
         elif m.role == "tool":
-            given = m.tool_call_id or (pending.pop(0) if pending else None)
+            answered = next((p for p in pending if m.tool_call_id and p[0] == m.tool_call_id), None)
+            answered = answered or (pending[0] if pending else (None, None))
+            if answered in pending:
+                pending.remove(answered)
+            given = m.tool_call_id or answered[0]
             if given and (forms.needs_ids or m.tool_call_id):
                 msg["tool_call_id"] = given
+            if answered[1]:  # the called function's name (Hermes-style templates require it)
+                msg["name"] = answered[1]
         out.append(msg)
     return out
 

@@ -70,7 +70,10 @@ def derive_turns(template: Any, conv: Conversation, messages: list[dict[str, Any
         elif tag == forms.tags[0] and upto.startswith(head):  # the prompt opens a block no rendered turn keeps
             sep = "\n" if prompt.endswith("\n") else ""
             reasoning = (reasonings[k] or "").strip("\n")
-            tail = reasoning + sep + forms.tags[1] + sep * 2 + upto[len(head):].lstrip("\n")
+            rest = upto[len(head):].lstrip("\n")
+            if rest.startswith(forms.tags[1]):  # the turn as rendered closes an (empty) block itself
+                rest = rest[len(forms.tags[1]):].lstrip("\n")
+            tail = reasoning + sep + forms.tags[1] + sep * 2 + rest
         elif tag == forms.tags[1] and upto.startswith(head):  # the prompt closes an empty block: the answer follows
             tail = upto[len(head):].lstrip("\n")
         else:

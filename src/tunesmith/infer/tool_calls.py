@@ -1,6 +1,7 @@
 """A model's tool calls, parsed back from its answer in the form its template writes them.
 
-Styles: `hermes` (Hermes, Qwen: `<tool_call>{"name": ..., "arguments": ...}</tool_call>`), `mistral`
+Styles: `hermes` (Hermes, Qwen: `<tool_call>{"name": ..., "arguments": ...}</tool_call>`), `deepseek`
+(`<｜tool▁calls▁begin｜>` blocks of DeepSeek V3/R1), `mistral`
 (`[TOOL_CALLS][{...}, ...]`, or `[TOOL_CALLS]name[ARGS]{...}`), `llama3` (the answer is one JSON object with
 `name` and `parameters`), `glm` (`<tool_call>name` then `<arg_key>`/`<arg_value>` pairs). The style comes from
 what the template writes for a probe call (data/template_forms.py). Malformed calls stay in the text.
@@ -17,6 +18,9 @@ from tunesmith.data.conversation import ToolCall
 HERMES_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 GLM_RE = re.compile(r"<tool_call>\s*([^\s<]+)\s*(.*?)</tool_call>", re.S)
 GLM_ARG_RE = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+DEEPSEEK_RE = re.compile(r"<\uff5ctool\u2581call\u2581begin\uff5c>(?:function<\uff5ctool\u2581sep\uff5c>)?([^<\n]+?)"
+                         r"(?:<\uff5ctool\u2581sep\uff5c>|\n```json\n)(.*?)(?:\n```)?<\uff5ctool\u2581call\u2581end\uff5c>", re.S)
+DEEPSEEK_WRAP = ("<\uff5ctool\u2581calls\u2581begin\uff5c>", "<\uff5ctool\u2581calls\u2581end\uff5c>")
 MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([A-Za-z0-9_.-]+)\s*\[ARGS\]\s*", re.S)
 
 
@@ -89,6 +93,20 @@ def _mistral(text: str) -> tuple[str, list[ToolCall]]:
     return head.strip(), calls  # type: ignore[return-value]
 
 
+def _deepseek(text: str) -> tuple[str, list[ToolCall]]:
+    at = text.find(DEEPSEEK_WRAP[0])
+    if at < 0:
+        return text.strip(), []
+    calls = []
+    for match in DEEPSEEK_RE.finditer(text, at):
+        data, end = _json_prefix(match.group(2).strip())
+        call = _call({"name": match.group(1).strip(), "arguments": data})
+        if call is None:
+            return text.strip(), []
+        calls.append(call)
+    return (text[:at].strip(), calls) if calls else (text.strip(), [])
+
+
 def _llama3(text: str) -> tuple[str, list[ToolCall]]:
     body = text.strip().removeprefix("<|python_tag|>").strip()
     data, end = _json_prefix(body)
@@ -96,7 +114,7 @@ def _llama3(text: str) -> tuple[str, list[ToolCall]]:
     return ("", [call]) if call is not None else (text.strip(), [])
 
 
-PARSERS = {"hermes": _hermes, "glm": _glm, "mistral": _mistral, "llama3": _llama3}
+PARSERS = {"hermes": _hermes, "glm": _glm, "mistral": _mistral, "llama3": _llama3, "deepseek": _deepseek}
 
 
 def parse_tool_calls(text: str, style: str = "hermes") -> tuple[str, list[ToolCall]]:
