@@ -369,6 +369,9 @@ def test_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, capsys):
             yield "Par"
             raise KeyboardInterrupt
 
+        def reasoning_form(self, prompt):
+            return {"tags": ("<think>", "</think>"), "opened": False}
+
     answers = iter(["What is the capital of France?", "exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": print(prompt, end="") or next(answers))
     monkeypatch.setattr(chat_engine, "make_chat_engine", lambda cfg: Interrupted())
