@@ -157,10 +157,11 @@ class TrainingArgs:
     per_device_train_batch_size: int = opt(8, "Samples per micro-batch per device.")
     per_device_eval_batch_size: int = opt(8, "Samples per evaluation batch per device.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
-    max_tokens_per_forward: int = opt(
-        0, "Run each optimizer step's samples (all its micro-batches) as forward/backward passes of at most this "
-        "many tokens (whole samples, packed first-fit decreasing): the same gradients, with the activation peak "
-        "of a long-tailed batch bounded; 0 = one pass per micro-batch.")
+    max_tokens_per_forward: int | Literal["auto"] = opt(
+        "auto", "Run each optimizer step's samples (all its micro-batches) as forward/backward passes of at most "
+        "this many tokens (whole samples, packed first-fit decreasing): the same gradients, with the activation "
+        "peak of a long-tailed batch bounded; 0 = one pass per micro-batch; `auto` = 0 where the estimated peak "
+        "fits the device's memory, else the most that fits (docs/training.md, memory).")
     cpu_memory_pool: bool = opt(
         True, "CPU: serve tensors of 256 KB or more from tunesmith's memory pool (best fit, pages kept for the next "
         "pass) instead of malloc, whose heap fragments under passes of varying length. Compiled on first use (needs "
@@ -192,7 +193,9 @@ class TrainingArgs:
     seed: int = opt(42, "Seed for initialisation, shuffling, splits and dropout.")
     bf16: bool = opt(False, "bfloat16 autocast (CPUs with AMX and recent GPUs run it much faster).")
     fp16: bool = opt(False, "float16 autocast with loss scaling (CUDA GPUs only).")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = opt(
+        "auto", "Recompute activations in the backward pass to save memory; `auto` turns it on only where the "
+        "estimated peak would not fit the device's memory otherwise (docs/training.md, memory).")
     torch_compile: bool = opt(False, "Compile the model with torch.compile.")
     logging_steps: int = opt(10, "Log every N optimizer steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = opt("no", "When to evaluate during training.")

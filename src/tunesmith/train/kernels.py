@@ -136,7 +136,9 @@ def use_chunked_head(model: Any, cfg: Config, accelerator: Any) -> str:
 
     if accelerator.distributed_type == DistributedType.FSDP or zero3_sharded() or cfg.training.torch_compile:
         return "plain"
-    return "chunked" if head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size)) else "plain"
+    with accelerator.autocast():  # as the loop runs it (adapter inputs stay in half precision from here on)
+        installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size))
+    return "chunked" if installed else "plain"
 
 
 def use_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:

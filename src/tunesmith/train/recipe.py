@@ -348,6 +348,9 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
         eval_metrics = {**trainer.evaluate(), "epoch": results["epoch"]}
     if s.accelerator.is_main_process:
         report(cfg, s, trainer, results, eval_metrics)
+    # every rank reaches the end before any tears its process group down: a rank whose peer's connections close
+    # under it while it is still in a collective's teardown can abort at exit
+    s.accelerator.wait_for_everyone()
     s.accelerator.end_training()
     return 0
 

@@ -19,6 +19,7 @@ from tunesmith.stages.base import Stage
 from tunesmith.train import kernels
 from tunesmith.train.data import load_training_data
 from tunesmith.train.distributed import Stepper
+from tunesmith.train.memory_budget import plan_memory
 from tunesmith.train.profile import Profile
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     if accelerator.is_main_process:
         log.info("processes: %d (%s) on %s; %s profile", accelerator.num_processes,
                  accelerator.distributed_type.value, accelerator.device, profile.name)
+    plan_memory(cfg, accelerator.num_processes, 2 if stage.rows == "pairs" else 1, accelerator.is_main_process)
     tokenizer, template, data = load_training_data(cfg, stage, accelerator)
     model = load_trainable_model(cfg, accelerator)
     attention = kernels.choose_attention(model, cfg, accelerator.device, compute_dtype(cfg))
