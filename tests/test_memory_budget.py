@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from tunesmith.config.loader import ConfigError
 from tunesmith.train import memory_budget as mb
 
 GIB = 1 << 30
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def llama_folder(tmp_path, **shape):
@@ -62,6 +65,13 @@ def test_weights_and_states_by_finetuning_type(tmp_path):
     accumulating = mb.estimate(shape, cfg_for(folder, "finetuning_type=full", "gradient_accumulation_steps=2"),
                                4096, False)
     assert accumulating.trained == 12 * p  # gradients live through the later passes of the step
+    ds = ROOT / "examples" / "deepspeed"
+    zero2 = mb.estimate(shape, cfg_for(folder, "finetuning_type=full", f"deepspeed={ds / 'ds_z2_config.json'}"),
+                        4096, False, world=4)
+    assert zero2.weights == full.weights and zero2.trained == 2 * p  # states sharded over 4 processes
+    offload = mb.estimate(shape, cfg_for(folder, "finetuning_type=full",
+                                         f"deepspeed={ds / 'ds_z3_offload_config.json'}"), 4096, False, world=2)
+    assert offload.weights == 0 and offload.trained == 0  # parameters and optimizer live on the CPU
 
 
 def saved_bytes_per_token(model, tokens):

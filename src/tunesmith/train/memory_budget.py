@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,23 +156,43 @@ def trained_params(shape: Shape, cfg: Config) -> int:
     return _lora_params(shape, cfg) + extra
 
 
+def _deepspeed_zero(cfg: Config) -> dict:
+    if not cfg.training.deepspeed:
+        return {}
+    try:
+        zero = json.loads(Path(cfg.training.deepspeed).read_text(encoding="utf-8")).get("zero_optimization", {})
+        return zero if isinstance(zero, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def zero_stage(cfg: Config) -> int:
     """The ZeRO stage of the run: DeepSpeed's from its config, 3 for FSDP (accelerate's environment), else 0."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return 3
-    if not cfg.training.deepspeed:
-        return 0
     try:
-        ds = json.loads(Path(cfg.training.deepspeed).read_text(encoding="utf-8"))
-        return int(ds.get("zero_optimization", {}).get("stage", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        return int(_deepspeed_zero(cfg).get("stage", 0))
+    except (TypeError, ValueError):
         return 0
+
+
+def _offloaded(zero: dict, key: str) -> bool:
+    part = zero.get(key)
+    return isinstance(part, dict) and part.get("device") in ("cpu", "nvme")
 
 
 def _sharding(cfg: Config, world: int) -> tuple[float, float, float]:
-    """Divisors of (weights, gradients, optimizer states) per process."""
-    stage = zero_stage(cfg) if world > 1 else 0
-    return (world if stage >= 3 else 1, world if stage >= 2 else 1, world if stage >= 1 else 1)
+    """Divisors of (weights, gradients, optimizer states) per process on the device (inf: offloaded to the
+    CPU by DeepSpeed)."""
+    stage = zero_stage(cfg)
+    shards = world if world > 1 else 1
+    weights, grads, states = (shards if stage >= 3 else 1, shards if stage >= 2 else 1, shards if stage >= 1 else 1)
+    zero = _deepspeed_zero(cfg)
+    if _offloaded(zero, "offload_optimizer"):  # the fp32 states and gradients live and step on the CPU
+        grads = states = math.inf
+    if stage >= 3 and _offloaded(zero, "offload_param"):
+        weights = math.inf
+    return weights, grads, states
 
 
 def weight_bytes(shape: Shape, cfg: Config) -> float:
