@@ -29,6 +29,8 @@ class Stage:
     predict: Literal["generate", "score"] | None = None
     # a batch is one row of several sequences, so attention must honour packed position ids
     needs_packed_rows: bool = False
+    # full/freeze tuning keeps a frozen copy of the model as its reference (the memory estimate counts it)
+    keeps_reference: Callable[[Config], bool] = lambda cfg: False
 
     @property
     def uses_template(self) -> bool:

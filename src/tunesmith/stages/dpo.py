@@ -80,4 +80,9 @@ class DPOObjective(PairBatches):
                       "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
 
 
-STAGE = Stage("dpo", rows="pairs", build=build, check=check, needs_packed_rows=True)
+def keeps_reference(cfg: Config) -> bool:
+    f = cfg.finetuning
+    return f.pref_loss not in NO_REFERENCE and f.finetuning_type != "lora" and not f.precompute_ref
+
+
+STAGE = Stage("dpo", rows="pairs", build=build, check=check, needs_packed_rows=True, keeps_reference=keeps_reference)

@@ -95,6 +95,12 @@ def make_accelerator(cfg: Config) -> Any:
             raise ConfigError(["FSDP runs on GPUs only (accelerate would silently fall back to plain DDP here, "
                                "every process holding the whole model); on CPUs shard with DeepSpeed ZeRO-3 "
                                "instead: `deepspeed: examples/deepspeed/ds_z3_config.json` under torchrun"])
+        if "WORLD_SIZE" not in os.environ:
+            # accelerate keeps one process-wide state and refuses another precision for a later run in the same
+            # process (the Python API, tests); a single process has no group to keep, so start it afresh
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
         return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                            kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
     ensure_process_group_env()

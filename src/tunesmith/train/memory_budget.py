@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith import stages
 from tunesmith.config import Config
 from tunesmith.config.loader import ConfigError
 
@@ -224,7 +225,7 @@ def estimate(shape: Shape, cfg: Config, tokens: int, checkpointing: bool, world:
     # holds them with one temporary of the same size (AdamW's foreach square root)
     grads_in_pass = cfg.training.gradient_accumulation_steps > 1 or several_passes
     weights = weight_bytes(shape, cfg) / w_div
-    if f.stage == "dpo" and f.finetuning_type != "lora" and not f.precompute_ref:
+    if stages.get(f.stage).keeps_reference(cfg):
         weights += weight_bytes(shape, cfg) / w_div  # the frozen reference copy
     kind = "lora" if f.finetuning_type == "lora" else "full"
     a_h, a_i, a_kv = ACTIVATION_BYTES[(kind, compute)]
