@@ -160,6 +160,18 @@ def preference(rng: random.Random, n: int) -> list[dict]:
     return rows
 
 
+def feedback(rng: random.Random, n: int) -> list[dict]:
+    """Unpaired feedback in LLaMA-Factory's KTO layout (sharegpt messages + a boolean label): the preference
+    questions, each with either the good answer (desirable) or the bad one (undesirable), about half each."""
+    rows = []
+    for pair in preference(rng, n):
+        good = rng.random() < 0.5
+        rows.append({"messages": [{"role": "user", "content": pair["instruction"]},
+                                  {"role": "assistant", "content": pair["chosen"] if good else pair["rejected"]}],
+                     "label": good})
+    return rows
+
+
 def corpus(rng: random.Random, n: int) -> list[dict]:
     texts = []
     for _ in range(n):
@@ -196,6 +208,12 @@ REGISTRY = {
                         "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
                                     "rejected": "rejected"}},
     "corpus_demo": {"file_name": "corpus_demo.jsonl", "columns": {"prompt": "text"}},
+    "reasoning_demo": {"file_name": "reasoning_demo.jsonl", "formatting": "openai",
+                       "columns": {"messages": "messages", "tools": "tools"}},
+    "kto_demo": {"file_name": "kto_demo.json", "formatting": "sharegpt",
+                 "columns": {"messages": "messages", "kto_tag": "label"},
+                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                          "assistant_tag": "assistant"}},
 }
 
 
@@ -216,6 +234,7 @@ def main() -> None:
     write_jsonl(OUT / "openai_demo.jsonl", openai_messages(random.Random(5), 100))
     write_json(OUT / "preference_demo.json", preference(random.Random(6), 400))
     write_jsonl(OUT / "corpus_demo.jsonl", corpus(random.Random(7), 4000))
+    write_json(OUT / "kto_demo.json", feedback(random.Random(8), 400))
     (OUT / "dataset_info.json").write_text(json.dumps(REGISTRY, indent=2) + "\n", encoding="utf-8")
     print(f"wrote demo datasets to {OUT}")
 

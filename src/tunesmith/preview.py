@@ -31,12 +31,15 @@ def show_mask(ids: np.ndarray, labels: np.ndarray, tokenizer: Any) -> str:
 
 
 def flat_sets(data: Datasets) -> dict[str, EncodedSet]:
-    """train/eval sets; preference pairs show as their chosen and rejected sides."""
+    """train/eval sets; preference pairs show as their chosen and rejected sides, feedback (kto) as each sample's
+    own answer and its mismatched one (for the KL estimate)."""
     sets: dict[str, Any] = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
     flat = {}
     for name, encoded in sets.items():
         if isinstance(encoded, EncodedSet):
             flat[name] = encoded
+        elif hasattr(encoded, "desirable"):
+            flat[f"{name}_answers"], flat[f"{name}_mismatched"] = encoded.chosen, encoded.rejected
         else:
             flat[f"{name}_chosen"], flat[f"{name}_rejected"] = encoded.chosen, encoded.rejected
     return flat

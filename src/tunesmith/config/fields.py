@@ -135,13 +135,15 @@ class FinetuningArgs:
     )
     plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     compute_accuracy: bool = opt(False, "pt/sft: also report token accuracy (the most likely token is the label).")
-    pref_beta: float = opt(0.1, "dpo: strength of the pull towards the reference model (beta).")
+    pref_beta: float = opt(0.1, "dpo, kto: strength of the pull towards the reference model (beta).")
     pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = opt(
         "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo and orpo need no reference model).")
     pref_ftx: float = opt(0.0, "dpo: weight of an extra sft loss on the chosen answers.")
     simpo_gamma: float = opt(0.5, "dpo with pref_loss simpo: target reward margin.")
+    kto_chosen_weight: float = opt(1.0, "kto: weight of the desirable samples' loss.")
+    kto_rejected_weight: float = opt(1.0, "kto: weight of the undesirable samples' loss.")
     precompute_ref: bool = opt(
-        False, "dpo, full/freeze tuning: compute the reference log-probabilities once before training instead of "
+        False, "dpo, kto, full/freeze tuning: compute the reference log-probabilities once before training instead of "
         "keeping a frozen copy of the model.")
 
 

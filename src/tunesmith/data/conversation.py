@@ -38,7 +38,8 @@ class Message:
 @dataclass
 class Conversation:
     """A chat (system, alternating user/assistant turns, tool calls and results), a pairwise preference
-    (`chosen`/`rejected` replace the final assistant turn), or a plain `text` for pre-training."""
+    (`chosen`/`rejected` replace the final assistant turn), a chat whose final turn is marked `desirable` or not
+    (unpaired feedback), or a plain `text` for pre-training."""
 
     messages: list[Message] = field(default_factory=list)
     system: str | None = None
@@ -46,6 +47,7 @@ class Conversation:
     chosen: Message | None = None
     rejected: Message | None = None
     text: str | None = None
+    desirable: bool | None = None  # unpaired feedback (kto): whether the final assistant turn is a good answer
     source: tuple[str, int] | None = None  # (file, row) the conversation came from, for located errors
 
     def hf_messages(self) -> list[dict[str, Any]]:

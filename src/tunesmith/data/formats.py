@@ -230,7 +230,8 @@ def to_text(ctx: RowContext) -> str:
 
 def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered: bool = False,
                     reasoning_tags: tuple[str, str] = ("<think>", "</think>")) -> Conversation:
-    """A row as `rows` asks (the stage's data kind): "text", "chat" or "pairs" (a chosen and a rejected answer).
+    """A row as `rows` asks (the stage's data kind): "text", "chat", "pairs" (a chosen and a rejected answer) or
+    "feedback" (a chat whose last answer the `kto_tag` column marks desirable or not).
     `allow_unanswered`: for prediction, a conversation may end with the user's turn. An assistant turn's
     reasoning comes from its reasoning field (OpenAI `reasoning_content`, the `reasoning` column or tag) or from
     a block in `reasoning_tags` at the start of its text."""
@@ -240,6 +241,11 @@ def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered:
         if not text.strip():
             raise ctx.error("empty text", reason="empty text")
         return Conversation(text=text)
+    if rows == "feedback" and not spec.column("kto_tag"):
+        raise DataError(f"this stage trains on feedback rows (a conversation and whether its last answer is "
+                        f"desirable); `{spec.name}` maps no `kto_tag` column", file=str(spec.base_dir /
+                        "dataset_info.json"), field=spec.name, fix='add "kto_tag": "<your label column>" to its '
+                        '`columns` (a true/false column)', reason="bad registry")
     if spec.ranking != (rows == "pairs"):
         need = ("preference pairs: a ranking dataset (`ranking: true`)" if rows == "pairs" else
                 "conversations: a non-ranking dataset")
@@ -247,5 +253,12 @@ def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered:
                         "dataset_info.json"), field=spec.name, reason="bad registry")
     conv = from_alpaca(ctx) if spec.formatting == "alpaca" else from_sharegpt(ctx)
     check_responses(ctx, conv)
+    if rows == "feedback":
+        column = spec.column("kto_tag")
+        value = ctx.require(column, "kto_tag")  # type: ignore[arg-type]
+        if not isinstance(value, bool):
+            raise ctx.error(f"must be true or false (whether the last answer is desirable), got {value!r}",
+                            field=column, fix="write the label as a JSON boolean", reason="bad label")
+        conv.desirable = value
     conv.source = (raw.file, raw.row)
     return conv

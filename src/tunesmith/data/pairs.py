@@ -90,3 +90,16 @@ def collate_pairs(data: EncodedPairs, units: list[list[int]]) -> PairBatch:
                 bounds.append(bounds[-1] + len(seq))
     as_row = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64))[None]  # noqa: E731
     return PairBatch(as_row(ids), as_row(positions), as_row(targets), bounds, index, data.split)
+
+
+def sides(batch: PairBatch) -> tuple[PairBatch, PairBatch]:
+    """The first and the second sequence of every pair, each side as a batch of its own (one row)."""
+    def side(k: int) -> PairBatch:
+        spans = [(batch.seq_bounds[j], batch.seq_bounds[j + 1]) for j in range(k, len(batch.seq_bounds) - 1, 2)]
+        take = lambda t: torch.cat([t[:, a:b] for a, b in spans], 1)  # noqa: E731
+        bounds = [0]
+        for a, b in spans:
+            bounds.append(bounds[-1] + b - a)
+        return PairBatch(take(batch.input_ids), take(batch.position_ids), take(batch.targets), bounds,
+                         batch.pair_index, batch.source)
+    return side(0), side(1)

@@ -88,7 +88,7 @@ class EncodedSet:
 
 @dataclass
 class Datasets:
-    train: EncodedSet  # or EncodedPairs for the data kind `pairs`
+    train: EncodedSet  # or EncodedPairs (data kind `pairs`), EncodedFeedback (`feedback`)
     eval: EncodedSet | None
     report: DataReport
     train_conversations: list[Conversation] | None = None  # only when freshly built (not from cache)
@@ -160,6 +160,10 @@ def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, t
                report: DataReport, rows: str, split: str) -> Any:
     if rows == "pairs":
         return encode_all_pairs(conversations, cfg, tokenizer, template, report, split)
+    if rows == "feedback":
+        from tunesmith.data.feedback import encode_all_feedback
+
+        return encode_all_feedback(conversations, cfg, tokenizer, template, report, split)
     d, samples = cfg.data, []
     for conv in conversations:
         try:
@@ -268,6 +272,8 @@ def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, r
         kind: Any = EncodedSet
         if rows == "pairs":
             from tunesmith.data.pairs import EncodedPairs as kind
+        elif rows == "feedback":
+            from tunesmith.data.feedback import EncodedFeedback as kind
         eval_set = kind.load(cache_dir / "eval.npz", "eval") if meta["has_eval"] else None
         log.info("loaded tokenized data from cache %s", cache_dir)
         return Datasets(kind.load(cache_dir / "train.npz", "train"), eval_set, DataReport.from_dict(meta["report"]),

@@ -112,9 +112,9 @@ def _parse_entry(name: str, entry: Any, base_dir: Path, info_path: str) -> Datas
     if not isinstance(tags, dict) or set(tags) - TAG_KEYS:
         raise bad(f"unknown tag key(s) {sorted(set(tags) - TAG_KEYS) if isinstance(tags, dict) else tags}",
                   fix=f"`tags` maps these keys to your values: {', '.join(sorted(TAG_KEYS))}")
-    unsupported = {"images", "videos", "audios", "kto_tag"} & set(columns)
+    unsupported = {"images", "videos", "audios"} & set(columns)
     if unsupported:
-        raise bad(f"columns {sorted(unsupported)} are not supported yet (text-only models, no KTO)")
+        raise bad(f"columns {sorted(unsupported)} are not supported yet (text-only models)")
     return DatasetSpec(name=name, file_name=entry.get("file_name"), hf_hub_url=entry.get("hf_hub_url"),
                        formatting=formatting, ranking=bool(entry.get("ranking", False)), subset=entry.get("subset"),
                        split=entry.get("split", "train"), folder=entry.get("folder"),

@@ -21,6 +21,7 @@ STAGES = {
     "sft": ("tunesmith.stages.sft", "supervised fine-tuning on conversations"),
     "rm": ("tunesmith.stages.rm", "a reward model on preference pairs"),
     "dpo": ("tunesmith.stages.dpo", "direct preference optimisation (and ipo, hinge, simpo, orpo)"),
+    "kto": ("tunesmith.stages.kto", "Kahneman-Tversky optimisation on answers labelled desirable or not"),
 }
 NAMES = tuple(STAGES)
 

@@ -61,3 +61,14 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
     sums = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, logp)
     counts = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, torch.ones_like(logp))
     return sums, counts
+
+
+def averaged(sums: dict[str, float], units: float, objective: Any) -> dict[str, float]:
+    """Metric sums as means: over the step's units, or over another summed metric where the objective names one
+    in `metric_per` (kto's rewards/chosen is a mean over the desirable samples)."""
+    per = getattr(objective, "metric_per", {})
+    out = {}
+    for name, value in sums.items():
+        denominator = sums.get(per[name], 0.0) if name in per else units
+        out[name] = value / denominator if denominator > 0 else 0.0
+    return out

@@ -25,6 +25,7 @@ from tunesmith.train import checkpoint as ckpt
 from tunesmith.train.launch import launch, processes_wanted
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations
+from tunesmith.train.objectives import averaged
 from tunesmith.train.passes import PassResult
 from tunesmith.train.profile import choose_profile
 from tunesmith.train.setup import Setup, build_setup
@@ -159,9 +160,10 @@ class Trainer:
             for name, value in metrics.items():
                 sums[name] += value.double()
             count += objective.count(batch)
-        count = acc.reduce(count, "sum").clamp(min=1)
+        count = float(acc.reduce(count, "sum"))
         s.model.train()
-        return {f"eval_{name}": float(acc.reduce(value, "sum") / count) for name, value in sums.items()}
+        totals = {name: float(acc.reduce(value, "sum")) for name, value in sums.items()}
+        return {f"eval_{name}": value for name, value in averaged(totals, count, objective).items()}
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -217,7 +219,8 @@ class Trainer:
         last = st.global_step >= self.total_steps
         if st.global_step % t.logging_steps == 0 or last:
             elapsed = max(time.time() - w["time"], 1e-9)
-            means = {name: round(value / max(w["units"], 1), 6) for name, value in w["sums"].items()}
+            means = {name: round(value, 6) for name, value in averaged(w["sums"], w["units"],
+                                                                          self.s.objective).items()}
             entry = {**means, "lr": lr, "epoch": round(self.epoch_float(), 4),
                      "grad_norm": round(metrics["grad_norm"], 6),
                      f"{self.s.objective.unit}_per_s": round(w["units"] / elapsed, 1),
