@@ -36,7 +36,7 @@ def flat_sets(data: Datasets) -> dict[str, EncodedSet]:
     sets: dict[str, Any] = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
     flat = {}
     for name, encoded in sets.items():
-        if isinstance(encoded, EncodedSet):
+        if isinstance(encoded, EncodedSet) or not hasattr(encoded, "chosen"):  # samples, or grpo's prompts
             flat[name] = encoded
         elif hasattr(encoded, "desirable"):
             flat[f"{name}_answers"], flat[f"{name}_mismatched"] = encoded.chosen, encoded.rejected

@@ -135,13 +135,22 @@ class FinetuningArgs:
     )
     plot_loss: bool = opt(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     compute_accuracy: bool = opt(False, "pt/sft: also report token accuracy (the most likely token is the label).")
-    pref_beta: float = opt(0.1, "dpo, kto: strength of the pull towards the reference model (beta).")
+    pref_beta: float = opt(0.1, "dpo, kto, grpo: strength of the pull towards the reference model (beta; grpo: "
+                           "0 keeps no reference).")
     pref_loss: Literal["sigmoid", "ipo", "hinge", "simpo", "orpo"] = opt(
         "sigmoid", "dpo: preference loss (sigmoid = DPO; simpo and orpo need no reference model).")
     pref_ftx: float = opt(0.0, "dpo: weight of an extra sft loss on the chosen answers.")
     simpo_gamma: float = opt(0.5, "dpo with pref_loss simpo: target reward margin.")
     kto_chosen_weight: float = opt(1.0, "kto: weight of the desirable samples' loss.")
     kto_rejected_weight: float = opt(1.0, "kto: weight of the undesirable samples' loss.")
+    num_generations: int = opt(8, "grpo: answers sampled per prompt (a group; advantages are relative to it).")
+    num_iterations: int = opt(1, "grpo: optimizer steps on each batch of sampled answers (clipped ratio from the 2nd).")
+    grpo_epsilon: float = opt(0.2, "grpo: clip range of the probability ratio (1 - e, 1 + e).")
+    reward_funcs: str = opt(
+        "math_answer", "grpo: reward functions, comma separated: exact_match, math_answer, regex_format, "
+        "length_penalty, or module:function (your Python callable).")
+    reward_weights: str | None = opt(None, "grpo: a weight per reward function, comma separated (default 1 each).")
+    reward_regex: str = opt(r"####\s*-?\d+\s*$", "grpo: the pattern regex_format rewards (re.search, DOTALL).")
     precompute_ref: bool = opt(
         False, "dpo, kto, full/freeze tuning: compute the reference log-probabilities once before training instead of "
         "keeping a frozen copy of the model.")
@@ -334,6 +343,7 @@ ALIASES: dict[str, str] = {
     "tokenized_path": "data_cache_dir",
     "eval_batch_size": "batch_size",
     "flash_attn": "attn_implementation",
+    "max_completion_length": "max_new_tokens",
 }
 
 # Values of aliased keys that are spelled differently in LLaMA-Factory.

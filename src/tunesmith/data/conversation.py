@@ -48,6 +48,8 @@ class Conversation:
     rejected: Message | None = None
     text: str | None = None
     desirable: bool | None = None  # unpaired feedback (kto): whether the final assistant turn is a good answer
+    reference: str | None = None  # prompts (grpo): the row's reference answer, for reward functions
+    columns: dict[str, Any] | None = None  # prompts (grpo): the row as read, for user reward functions
     source: tuple[str, int] | None = None  # (file, row) the conversation came from, for located errors
 
     def hf_messages(self) -> list[dict[str, Any]]:

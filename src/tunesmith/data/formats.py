@@ -230,12 +230,13 @@ def to_text(ctx: RowContext) -> str:
 
 def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered: bool = False,
                     reasoning_tags: tuple[str, str] = ("<think>", "</think>")) -> Conversation:
-    """A row as `rows` asks (the stage's data kind): "text", "chat", "pairs" (a chosen and a rejected answer) or
-    "feedback" (a chat whose last answer the `kto_tag` column marks desirable or not).
+    """A row as `rows` asks (the stage's data kind): "text", "chat", "pairs" (a chosen and a rejected answer),
+    "feedback" (a chat whose last answer the `kto_tag` column marks desirable or not) or "prompts" (a chat up to
+    a user turn; a final answer becomes the reference answer).
     `allow_unanswered`: for prediction, a conversation may end with the user's turn. An assistant turn's
     reasoning comes from its reasoning field (OpenAI `reasoning_content`, the `reasoning` column or tag) or from
     a block in `reasoning_tags` at the start of its text."""
-    ctx = RowContext(spec, raw, allow_unanswered, reasoning_tags)
+    ctx = RowContext(spec, raw, allow_unanswered or rows == "prompts", reasoning_tags)
     if rows == "text":
         text = to_text(ctx)
         if not text.strip():
@@ -253,6 +254,10 @@ def to_conversation(spec: DatasetSpec, raw: RawRow, rows: str, allow_unanswered:
                         "dataset_info.json"), field=spec.name, reason="bad registry")
     conv = from_alpaca(ctx) if spec.formatting == "alpaca" else from_sharegpt(ctx)
     check_responses(ctx, conv)
+    if rows == "prompts":  # a final answer is the reference reward functions compare with, not trained on
+        if conv.messages and conv.messages[-1].role == "assistant":
+            conv.reference = conv.messages.pop().content
+        conv.columns = dict(raw.data)
     if rows == "feedback":
         column = spec.column("kto_tag")
         value = ctx.require(column, "kto_tag")  # type: ignore[arg-type]

@@ -164,6 +164,10 @@ def encode_all(conversations: list[Conversation], cfg: Config, tokenizer: Any, t
         from tunesmith.data.feedback import encode_all_feedback
 
         return encode_all_feedback(conversations, cfg, tokenizer, template, report, split)
+    if rows == "prompts":
+        from tunesmith.data.prompts import encode_all_prompts
+
+        return encode_all_prompts(conversations, cfg, tokenizer, template, report, split)
     d, samples = cfg.data, []
     for conv in conversations:
         try:
@@ -274,6 +278,8 @@ def build_datasets(cfg: Config, tokenizer: Any, template: ChatTemplate | None, r
             from tunesmith.data.pairs import EncodedPairs as kind
         elif rows == "feedback":
             from tunesmith.data.feedback import EncodedFeedback as kind
+        elif rows == "prompts":
+            from tunesmith.data.prompts import EncodedPrompts as kind
         eval_set = kind.load(cache_dir / "eval.npz", "eval") if meta["has_eval"] else None
         log.info("loaded tokenized data from cache %s", cache_dir)
         return Datasets(kind.load(cache_dir / "train.npz", "train"), eval_set, DataReport.from_dict(meta["report"]),

@@ -48,8 +48,10 @@ class HFEngine:
         return text
 
     @torch.no_grad()
-    def generate_ids(self, prompt_ids: list[list[int]], batch_size: int, progress: bool = False) -> list[list[int]]:
-        """New token ids per prompt (stop token excluded), in the given order."""
+    def generate_ids(self, prompt_ids: list[list[int]], batch_size: int, progress: bool = False,
+                     keep_stop: bool = False) -> list[list[int]]:
+        """New token ids per prompt, in the given order; the stop token excluded, or kept with `keep_stop` (what
+        training on generated answers needs, so that stopping is learnt)."""
         from tqdm.auto import tqdm
 
         device = next(self.model.parameters()).device
@@ -71,7 +73,7 @@ class HFEngine:
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))
-                results[i] = new[:cut]
+                results[i] = new[: cut + 1] if keep_stop and cut < len(new) else new[:cut]
             bar.update(len(chunk))
         bar.close()
         return results

@@ -22,6 +22,7 @@ STAGES = {
     "rm": ("tunesmith.stages.rm", "a reward model on preference pairs"),
     "dpo": ("tunesmith.stages.dpo", "direct preference optimisation (and ipo, hinge, simpo, orpo)"),
     "kto": ("tunesmith.stages.kto", "Kahneman-Tversky optimisation on answers labelled desirable or not"),
+    "grpo": ("tunesmith.stages.grpo", "group relative policy optimisation with reward functions"),
 }
 NAMES = tuple(STAGES)
 

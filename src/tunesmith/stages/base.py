@@ -9,8 +9,9 @@ from typing import Any, Callable, Literal
 from tunesmith.config.fields import Config
 
 # What a dataset row becomes (data/formats.py): pre-training text, a conversation, a conversation with a
-# chosen and a rejected answer, or a conversation whose last answer is labelled desirable or not.
-Rows = Literal["text", "chat", "pairs", "feedback"]
+# chosen and a rejected answer, a conversation whose last answer is labelled desirable or not, or a prompt the
+# policy answers during training.
+Rows = Literal["text", "chat", "pairs", "feedback", "prompts"]
 
 
 def no_problems(cfg: Config) -> list[str]:

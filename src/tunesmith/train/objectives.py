@@ -43,8 +43,8 @@ class LMObjective:
         return loss, metrics
 
 
-def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each sequence's answer tokens, and their count: two [2 x pairs] tensors."""
+def token_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every supervised token of the batch's sequences, and the sequence each belongs to."""
     supervised = batch.targets[0] != IGNORE
     keep = supervised.nonzero().squeeze(-1)
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep,
@@ -56,7 +56,12 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
         logits = out.logits[0].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.targets[0, keep][:, None]).squeeze(-1)
     ends = torch.tensor(batch.seq_bounds[1:], device=keep.device)
-    seq_of = torch.searchsorted(ends, keep, right=True)
+    return logp, torch.searchsorted(ends, keep, right=True)
+
+
+def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's answer tokens, and their count: two [2 x pairs] tensors."""
+    logp, seq_of = token_logps(model, batch)
     n_seq = len(batch.seq_bounds) - 1
     sums = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, logp)
     counts = torch.zeros(n_seq, device=logp.device).index_add(0, seq_of, torch.ones_like(logp))
@@ -66,9 +71,11 @@ def sequence_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Te
 def averaged(sums: dict[str, float], units: float, objective: Any) -> dict[str, float]:
     """Metric sums as means: over the step's units, or over another summed metric where the objective names one
     in `metric_per` (kto's rewards/chosen is a mean over the desirable samples)."""
-    per = getattr(objective, "metric_per", {})
+    per, hidden = getattr(objective, "metric_per", {}), getattr(objective, "hidden_metrics", ())
     out = {}
     for name, value in sums.items():
+        if name in hidden:
+            continue
         denominator = sums.get(per[name], 0.0) if name in per else units
         out[name] = value / denominator if denominator > 0 else 0.0
     return out

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.config import Config, config_to_yaml
+from tunesmith.config import Config
 from tunesmith.config.loader import ConfigError
 from tunesmith.config.validate import validate_for_train
 from tunesmith.errors import StopError
@@ -28,58 +28,10 @@ from tunesmith.train.memory import recompute_cheap_activations
 from tunesmith.train.objectives import averaged
 from tunesmith.train.passes import PassResult
 from tunesmith.train.profile import choose_profile
+from tunesmith.train.resume import find_resume_point, saved_config, start_fresh, trim_log
 from tunesmith.train.setup import Setup, build_setup
 
 log = logging.getLogger("tunesmith.train")
-
-
-def find_resume_point(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite a user's folder.
-    Incomplete checkpoint folders (a killed save or deletion) are skipped and named."""
-    t = cfg.training
-    out = Path(t.output_dir)  # type: ignore[arg-type]
-    if t.resume_from_checkpoint:
-        path = Path(t.resume_from_checkpoint)
-        missing = ckpt.missing_files(path) if path.is_dir() else ["the folder itself"]
-        if missing:
-            raise ConfigError([f"`resume_from_checkpoint`: {path} is not a complete tunesmith checkpoint (it lacks "
-                               f"{', '.join(missing)})"])
-        return path
-    if t.overwrite_output_dir or not out.is_dir():
-        return None
-    for path, missing in ckpt.incomplete_checkpoints(out):
-        log.warning("skipping %s: incomplete (lacks %s)", path, ", ".join(missing))
-    checkpoints = ckpt.list_checkpoints(out)
-    if checkpoints:
-        return checkpoints[-1]
-    leftovers = [p for p in out.iterdir() if not (p.name.startswith("checkpoint-") and
-                                                  (p.name.endswith(ckpt.PARTIAL_SUFFIXES) or p.is_dir()))]
-    if not leftovers:
-        return None
-    raise ConfigError([f"output_dir `{out}` is not empty and holds no complete checkpoint to resume from; set "
-                       "`overwrite_output_dir: true` to start over in it (its checkpoints are then deleted), or "
-                       "choose another folder"])
-
-
-def start_fresh(out: Path) -> None:
-    """`overwrite_output_dir: true`: an earlier run's checkpoints and log go, so runs never mix."""
-    old = [p for p in out.iterdir() if p.is_dir() and ckpt.CHECKPOINT_RE.match(p.name)] if out.is_dir() else []
-    for path in old:
-        ckpt.delete_checkpoint(path)
-    if (out / "trainer_log.jsonl").exists():
-        (out / "trainer_log.jsonl").unlink()
-    if old:
-        log.info("overwrite_output_dir: removed %d checkpoint(s) of an earlier run in %s", len(old), out)
-
-
-def saved_config(cfg: Config) -> str:
-    """output_dir/tunesmith_config.yaml: rerunning it resumes this run from its latest checkpoint."""
-    import copy
-
-    again = copy.deepcopy(cfg)
-    again.training.overwrite_output_dir = False
-    again.training.resume_from_checkpoint = None
-    return config_to_yaml(again)
 
 
 class Trainer:
@@ -96,6 +48,8 @@ class Trainer:
         self.run_loss = {"loss": 0.0, "units": 0}
         self.logger: TrainLogger | None = None
         self.passes = s.profile.prepare(s)  # how a step's samples become passes, and how they run
+        self.iterations = getattr(s.objective, "iterations", 1)
+        self.save_due = False
 
     @staticmethod
     def new_window() -> dict[str, Any]:
@@ -176,15 +130,20 @@ class Trainer:
             batches = plan.micro_batches(st.epoch)
             windows = [batches[i : i + self.accum] for i in range(0, len(batches), self.accum)]
             for window in windows[st.batches_done_in_epoch // self.accum :]:
-                metrics = self.optimizer_step(window)
-                self.s.profile.after_step()
-                st.global_step += 1
-                steps_run += 1
-                st.batches_done_in_epoch += len(window)
-                epoch_done = st.batches_done_in_epoch >= len(batches)
-                if epoch_done:
-                    st.epoch, st.batches_done_in_epoch = st.epoch + 1, 0
-                self.after_step(metrics, epoch_done)
+                for iteration in range(self.iterations):  # grpo's num_iterations: steps on the same batch
+                    metrics = self.optimizer_step(window)
+                    self.s.profile.after_step()
+                    st.global_step += 1
+                    steps_run += 1
+                    whole, epoch_done = iteration == self.iterations - 1, False
+                    if whole:  # the window's data is used up
+                        st.batches_done_in_epoch += len(window)
+                        epoch_done = st.batches_done_in_epoch >= len(batches)
+                        if epoch_done:
+                            st.epoch, st.batches_done_in_epoch = st.epoch + 1, 0
+                    self.after_step(metrics, epoch_done, whole)
+                    if st.global_step >= self.total_steps:
+                        break
                 if st.global_step >= self.total_steps:
                     break
         self.logger.close()
@@ -199,7 +158,9 @@ class Trainer:
         n = len(self.s.plan)
         return self.state.epoch + self.state.batches_done_in_epoch / max(n, 1)
 
-    def after_step(self, metrics: dict[str, float], epoch_done: bool) -> None:
+    def after_step(self, metrics: dict[str, float], epoch_done: bool, whole: bool = True) -> None:
+        """Logs, evaluation and checkpoints after a step; `whole`: the step finished its window's iterations
+        (a checkpoint due in between is written then, so that resuming never starts inside a window)."""
         st, t = self.state, self.cfg.training
         w = self.window
         for name, value in metrics["sums"].items():
@@ -233,8 +194,11 @@ class Trainer:
             evaluated = self.evaluate()
             entry = {**{k: round(v, 6) for k, v in evaluated.items()}, "epoch": round(self.epoch_float(), 4)}
             st.log_history.append(self.logger.record(entry, st.global_step))  # type: ignore[union-attr]
-        if (t.save_strategy == "steps" and st.global_step % t.save_steps == 0) or \
-                (t.save_strategy == "epoch" and epoch_done):
+        due = (t.save_strategy == "steps" and st.global_step % t.save_steps == 0) or \
+            (t.save_strategy == "epoch" and epoch_done)
+        self.save_due = self.save_due or due
+        if whole and self.save_due:
+            self.save_due = False
             self.save_checkpoint(evaluated)
 
     def save_checkpoint(self, evaluated: dict[str, float] | None) -> None:
@@ -288,23 +252,6 @@ def save_final(cfg: Config, s: Setup, trainer: Trainer) -> None:
     for item in tmp.iterdir():
         os.replace(item, out / item.name)
     tmp.rmdir()
-
-
-def trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the resumed run writes them again), and a
-    last line cut short by a crash."""
-    if path.is_file():
-        import json
-
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and entry.get("current_steps", step + 1) <= step:
-                kept.append(line)
-        path.write_text("".join(l + "\n" for l in kept), encoding="utf-8")
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:

@@ -98,6 +98,8 @@ class StageInputs:
     padding_free: bool
     pad_id: int
     kernels: dict[str, str]
+    tokenizer: Any = None
+    template: Any = None
 
     def use_chunked_head(self) -> bool:
         self.kernels["head+loss"] = kernels.use_chunked_head(self.model, self.cfg, self.accelerator)
@@ -109,9 +111,10 @@ class StageInputs:
         return kept
 
 
-def count_steps(plan: BatchPlan, cfg: Config) -> int:
+def count_steps(plan: BatchPlan, cfg: Config, iterations: int = 1) -> int:
+    """Optimizer steps of the run; `iterations` steps per accumulated batch (grpo's num_iterations)."""
     t = cfg.training
-    steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps) * iterations
     return t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
 
@@ -176,7 +179,8 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
         keep_adapter_inputs_in_half_precision(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chosen = {"attention": attention or "the model's own, padded batches"}
-    inputs = StageInputs(cfg, model, data, accelerator, profile, attention is not None, pad_id, chosen)
+    inputs = StageInputs(cfg, model, data, accelerator, profile, attention is not None, pad_id, chosen, tokenizer,
+                         template)
     model, objective = stage.build(inputs)
     if accelerator.is_main_process:
         log.info("kernels: %s", ", ".join(f"{part} {name}" for part, name in chosen.items()))
@@ -186,7 +190,7 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     eval_plan = None if data.eval is None else BatchPlan(data.eval, t.per_device_eval_batch_size, t.seed, False,
                                                          None, rank, world)
     optimizer = build_optimizer(model, cfg)
-    total_steps = count_steps(plan, cfg)
+    total_steps = count_steps(plan, cfg, getattr(objective, "iterations", 1))
     if t.torch_compile:
         model = torch.compile(model, dynamic=True)
     model, optimizer = accelerator.prepare(model, optimizer)
