@@ -112,7 +112,8 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
 
 
 def plot_losses(out: Path) -> list[Path]:
-    """training_loss.png and training_eval_loss.png from trainer_log.jsonl: raw and smoothed curves."""
+    """training_loss.png and training_eval_loss.png from trainer_log.jsonl: raw and smoothed curves (and
+    training_reward.png where the stage logs a reward: grpo)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +124,8 @@ def plot_losses(out: Path) -> list[Path]:
         return []
     lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     written = []
-    for key, filename in (("loss", "training_loss.png"), ("eval_loss", "training_eval_loss.png")):
+    for key, filename in (("loss", "training_loss.png"), ("eval_loss", "training_eval_loss.png"),
+                          ("reward", "training_reward.png")):
         points = [(l["current_steps"], l[key]) for l in lines if key in l and math.isfinite(l[key])]
         if not points:
             continue

@@ -165,8 +165,8 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     if accelerator.is_main_process:
         log.info("processes: %d (%s) on %s; %s profile", accelerator.num_processes,
                  accelerator.distributed_type.value, accelerator.device, profile.name)
-    plan_memory(cfg, accelerator.num_processes, 2 if stage.rows in ("pairs", "feedback") else 1,
-                accelerator.is_main_process)
+    sequences = {"pairs": 2, "feedback": 2, "prompts": cfg.finetuning.num_generations}.get(stage.rows, 1)
+    plan_memory(cfg, accelerator.num_processes, sequences, accelerator.is_main_process)
     tokenizer, template, data = load_training_data(cfg, stage, accelerator)
     model = load_trainable_model(cfg, accelerator)
     attention = kernels.choose_attention(model, cfg, accelerator.device, compute_dtype(cfg))
