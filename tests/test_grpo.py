@@ -180,3 +180,12 @@ def test_resume_with_num_iterations_is_exact(tmp_path, tiny_model_dir):
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(stopped / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a[next(iter(a))], torch.zeros_like(a[next(iter(a))]))
+
+
+def test_freeze_tuning_trains_the_last_layer_only(tmp_path, tiny_model_dir):
+    out = train(tmp_path, tiny_model_dir, "freeze", "stage=grpo", "finetuning_type=freeze", "freeze_trainable_layers=1",
+                "max_steps=2", "num_generations=3", "per_device_train_batch_size=2", "max_new_tokens=8",
+                "reward_funcs=regex_format", "reward_regex=[aeiou]", "learning_rate=1e-2", "pref_beta=0.1")
+    base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)

@@ -118,8 +118,8 @@ def test_ctrl_c_names_the_latest_checkpoint_and_the_resume_command(tmp_path, tin
     out = tmp_path / "out"
     real = recipe.Trainer.after_step
 
-    def interrupted(self, metrics, epoch_done):
-        real(self, metrics, epoch_done)
+    def interrupted(self, metrics, epoch_done, whole=True):
+        real(self, metrics, epoch_done, whole)
         if self.state.global_step == 3:
             raise KeyboardInterrupt
 
