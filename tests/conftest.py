@@ -69,3 +69,13 @@ def write_dataset(folder: Path, name: str, rows, entry: dict | None = None, suff
 def sft_rows(n: int = 24) -> list[dict]:
     """Learnable alpaca rows: small sums."""
     return [{"instruction": f"What is {i} plus {i + 1}?", "output": f"{i} + {i + 1} = {2 * i + 1}."} for i in range(n)]
+
+
+def keep_only_checkpoint(out: Path, name: str) -> None:
+    """Make `out` look like a run stopped right after saving checkpoint `name`: only it, the saved config and
+    the log remain."""
+    import shutil
+
+    for item in out.iterdir():
+        if item.name not in (name, "tunesmith_config.yaml", "trainer_log.jsonl"):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, write_dataset
+from conftest import ROOT, keep_only_checkpoint, write_dataset
 from test_train import sft_rows
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests run on Linux")
@@ -95,9 +95,7 @@ def test_two_rank_resume_and_two_nodes(tmp_path, tiny_model_dir, data):
     (stopped / "tunesmith_config.yaml").write_text(saved)
     assert {p.name for p in (stopped / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth",
                                                                                    "rng_state_1.pth"}
-    for item in stopped.iterdir():
-        if item.name not in ("checkpoint-2", "tunesmith_config.yaml", "trainer_log.jsonl"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    keep_only_checkpoint(stopped, "checkpoint-2")
     launch([torchrun(2, ["train", str(stopped / "tunesmith_config.yaml")])])
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(stopped / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

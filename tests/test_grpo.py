@@ -5,14 +5,12 @@ and an exact resume with num_iterations."""
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, TINY_MODEL, write_dataset
+from conftest import DATA_DIR, TINY_MODEL, keep_only_checkpoint, write_dataset
 from tunesmith.cli import main
 from tunesmith.errors import StopError
 from tunesmith.stages import rewards
@@ -173,9 +171,7 @@ def test_resume_with_num_iterations_is_exact(tmp_path, tiny_model_dir):
     stopped = train(tmp_path, tiny_model_dir, "stopped", *common)
     kept = sorted(p.name for p in stopped.iterdir() if p.name.startswith("checkpoint-"))
     assert kept == ["checkpoint-4", "checkpoint-6"]  # the save due at step 3 waits for its batch's 2nd step
-    for item in stopped.iterdir():
-        if item.name not in ("checkpoint-4", "tunesmith_config.yaml", "trainer_log.jsonl"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    keep_only_checkpoint(stopped, "checkpoint-4")
     assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(stopped / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

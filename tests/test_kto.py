@@ -4,14 +4,13 @@ loss where policy and reference agree, bad labels, learning on the demo set, fre
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, TINY_MODEL, write_dataset
+from conftest import DATA_DIR, TINY_MODEL, keep_only_checkpoint, write_dataset
 from tunesmith.cli import main
 
 ROWS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
@@ -141,9 +140,7 @@ def test_freeze_tuning_resumes_exactly(tmp_path, tiny_model_dir, kto_dir):
               "save_steps=2", "precompute_ref=true"]
     straight = train(tmp_path, tiny_model_dir, kto_dir, "straight", *common)
     stopped = train(tmp_path, tiny_model_dir, kto_dir, "stopped", *common)
-    for item in stopped.iterdir():
-        if item.name not in ("checkpoint-2", "tunesmith_config.yaml", "trainer_log.jsonl"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    keep_only_checkpoint(stopped, "checkpoint-2")
     assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0
     a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, TINY_MODEL, write_dataset
+from conftest import DATA_DIR, TINY_MODEL, keep_only_checkpoint, write_dataset
 from tunesmith.cli import main
 
 PAIRS = [{"instruction": f"What is {i} plus {i}?", "chosen": f"{i} + {i} = {2 * i}.",
@@ -140,9 +139,7 @@ def test_dpo_full_precomputed_reference_and_rm_resume(tmp_path, tiny_model_dir, 
     common = ["stage=rm", "max_steps=4", "save_strategy=steps", "save_steps=2", "lora_dropout=0.1"]
     straight = train(tmp_path, tiny_model_dir, pref_dir, "rm_straight", *common)
     stopped = train(tmp_path, tiny_model_dir, pref_dir, "rm_stopped", *common)
-    for item in stopped.iterdir():
-        if item.name not in ("checkpoint-2", "tunesmith_config.yaml", "trainer_log.jsonl"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    keep_only_checkpoint(stopped, "checkpoint-2")
     assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(straight / name), load_file(stopped / name)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import sft_rows, write_dataset
+from conftest import keep_only_checkpoint, sft_rows, write_dataset
 from tunesmith.cli import main
 from tunesmith.train import checkpoint as ckpt
 
@@ -166,9 +166,7 @@ def test_resume_ends_exactly_where_a_straight_run_does(tmp_path, tiny_model_dir,
     stopped = train(tmp_path, tiny_model_dir, data_dir, "stopped", *common)
     # Pretend the run was killed right after checkpoint-3: remove everything written later (the log keeps
     # lines of steps 4-6; the resumed run must replace them, not repeat them).
-    for item in stopped.iterdir():
-        if item.name not in ("checkpoint-3", "tunesmith_config.yaml", "trainer_log.jsonl"):
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    keep_only_checkpoint(stopped, "checkpoint-3")
     assert main(["train", str(stopped / "tunesmith_config.yaml")]) == 0  # resumes automatically
     a = load_file(straight / "adapter_model.safetensors")
     b = load_file(stopped / "adapter_model.safetensors")

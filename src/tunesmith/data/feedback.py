@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.encode import Dropped
 from tunesmith.data.errors import DataError
-from tunesmith.data.pairs import EncodedPairs, encode_pair
+from tunesmith.data.pairs import EncodedPairs, encode_pairs
 
 
 class EncodedFeedback(EncodedPairs):
@@ -56,21 +55,9 @@ def encode_all_feedback(conversations: list[Conversation], cfg: Any, tokenizer: 
         raise DataError(f"every training sample is labelled {kind}: KTO needs both desirable and undesirable "
                         "answers", file=first[0] if first else None, field="kto_tag",
                         fix="add samples with the other label, or train with `stage: sft` on the desirable ones")
-    own, mismatched, desirable = [], [], []
     n = len(conversations)
-    for i, conv in enumerate(conversations):
-        try:
-            a, b = encode_pair(as_pair(conv, conversations[(i + 1) % n]), template, tokenizer, cfg.data.cutoff_len,
-                               cfg.data.truncation)
-        except Dropped as drop:
-            report.samples_dropped[drop.reason] += 1
-            continue
-        report.truncated += a.truncated or b.truncated
-        own.append(a)
-        mismatched.append(b)
-        desirable.append(bool(conv.desirable))
-    if not own:
-        raise DataError("no feedback samples left after encoding: " + ", ".join(
-            f"{k} {reason}" for reason, k in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
+    pairs = [as_pair(conv, conversations[(i + 1) % n]) for i, conv in enumerate(conversations)]
+    own, mismatched, kept = encode_pairs(pairs, template, tokenizer, cfg.data, report, "feedback samples")
+    desirable = [bool(conversations[i].desirable) for i in kept]
     return EncodedFeedback(EncodedSet.from_samples(own), EncodedSet.from_samples(mismatched),
                            np.array(desirable, dtype=bool), split)

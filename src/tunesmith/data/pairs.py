@@ -77,6 +77,29 @@ def encode_pair(conv: Conversation, template: Any, tokenizer: Any, cutoff_len: i
     return out[0], out[1]
 
 
+def encode_pairs(conversations: list[Conversation], template: Any, tokenizer: Any, d: Any, report: Any,
+                 what: str) -> tuple[list, list, list[int]]:
+    """Both sides of every pair that keeps supervised tokens, and the indices of those kept; dropped pairs are
+    counted in `report`. `what` names the samples in the error when none is left."""
+    from tunesmith.data.errors import DataError
+
+    first, second, kept = [], [], []
+    for i, conv in enumerate(conversations):
+        try:
+            a, b = encode_pair(conv, template, tokenizer, d.cutoff_len, d.truncation)
+        except Dropped as drop:
+            report.samples_dropped[drop.reason] += 1
+            continue
+        report.truncated += a.truncated or b.truncated
+        first.append(a)
+        second.append(b)
+        kept.append(i)
+    if not kept:
+        raise DataError(f"no {what} left after encoding: " + ", ".join(
+            f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
+    return first, second, kept
+
+
 def collate_pairs(data: EncodedPairs, units: list[list[int]]) -> PairBatch:
     ids, targets, positions, bounds, index = [], [], [], [0], []
     for unit in units:

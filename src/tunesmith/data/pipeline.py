@@ -214,21 +214,9 @@ def encode_conversation(conv: Conversation, template: Any, tokenizer: Any, d: An
 
 def encode_all_pairs(conversations: list[Conversation], cfg: Config, tokenizer: Any, template: Any,
                      report: DataReport, split: str) -> Any:
-    from tunesmith.data.pairs import EncodedPairs, encode_pair
+    from tunesmith.data.pairs import EncodedPairs, encode_pairs
 
-    chosen, rejected = [], []
-    for conv in conversations:
-        try:
-            c, r = encode_pair(conv, template, tokenizer, cfg.data.cutoff_len, cfg.data.truncation)
-        except Dropped as drop:
-            report.samples_dropped[drop.reason] += 1
-            continue
-        report.truncated += c.truncated or r.truncated
-        chosen.append(c)
-        rejected.append(r)
-    if not chosen:
-        raise DataError("no preference pairs left after encoding: " + ", ".join(
-            f"{n} {reason}" for reason, n in report.samples_dropped.items()), fix="raise `cutoff_len` or check the data")
+    chosen, rejected, _ = encode_pairs(conversations, template, tokenizer, cfg.data, report, "preference pairs")
     return EncodedPairs(EncodedSet.from_samples(chosen), EncodedSet.from_samples(rejected), split)
 
 
