@@ -28,6 +28,8 @@ def validate_for_export(cfg: Config, force: bool) -> Path:
     problems = check_model(cfg) + check_finetuning(cfg)
     if not cfg.export.export_dir:
         problems.append("`export_dir` is required: the folder the merged model is written to")
+    if cfg.export.export_format == "gguf" and cfg.export.export_legacy_format:
+        problems.append("`export_legacy_format` writes .bin files; it does not apply to `export_format: gguf`")
     if cfg.export.export_size <= 0:
         problems.append(f"`export_size` must be positive (GB), got {cfg.export.export_size}")
     raise_if(problems)
@@ -161,6 +163,36 @@ def verify(cfg: Config, exported: Path, tokenizer: Any, dtype: Any) -> tuple[flo
     return worst, worst / max(scale, 1e-12)
 
 
+def run_gguf(cfg: Config, model: Any, tokenizer: Any, template: Any, dtype: Any, tmp: Path, out: Path,
+             check: bool) -> int:
+    """The merged model as a Hugging Face folder inside `tmp`, converted to one .gguf with a Modelfile; the
+    folder is checked against the file (`--verify`) and removed before `tmp` becomes `out`."""
+    from tunesmith import export_gguf
+
+    e = cfg.export
+    hf = tmp / "hf"
+    write_folder(model, tokenizer, template, cfg, dtype, hf)
+    del model
+    stops = template.stop if template is not None else []
+    gguf_path = export_gguf.write_gguf(tmp, hf, out.name, e.gguf_type, e.llama_cpp_source, stops)
+    result = export_gguf.verify(hf, gguf_path) if check else None
+    shutil.rmtree(hf)
+    match_umask(tmp)
+    replace_folder(tmp, out)
+    size = (out / gguf_path.name).stat().st_size / 2**20
+    print(f"exported {out / gguf_path.name} ({e.gguf_type}, {size:.1f} MB) and an Ollama Modelfile")
+    if result is None:
+        return 0
+    n = result["prompts"]
+    exact = e.gguf_type in ("f32", "f16") and str(dtype) != "torch.bfloat16"  # rounding alone must not flip a token
+    ok = result["same_prompt_tokens"] == n and (result["same_greedy"] == n or not exact)
+    print(f"verify {'OK' if ok else 'FAILED'}: llama.cpp tokenizes {result['same_prompt_tokens']}/{n} prompts as "
+          f"the tokenizer does; greedy 32-token continuations identical for {result['same_greedy']}/{n}"
+          f"{'' if exact else ' (not required for ' + e.gguf_type + ')'}; next-token log-probabilities differ by at "
+          f"most {result['max_logprob_diff']:.3e}")
+    return 0 if ok else 1
+
+
 def run(cfg: Config, extras: dict[str, Any]) -> int:
     out = validate_for_export(cfg, bool(extras.get("force")))
     e = cfg.export
@@ -172,6 +204,8 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
     tokenizer, template = load_inference_tokenizer(cfg, fallback=None)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if e.export_format == "gguf":
+        return run_gguf(cfg, model, tokenizer, template, final_dtype, tmp, out, bool(extras.get("verify")))
     write_folder(model, tokenizer, template, cfg, final_dtype, tmp)
     match_umask(tmp)
     del model

@@ -272,6 +272,14 @@ class ExportArgs:
         "auto", "dtype of the exported weights; `auto` keeps the base model's."
     )
     export_legacy_format: bool = opt(False, "Write pytorch_model*.bin (pickle) instead of safetensors.")
+    export_format: Literal["safetensors", "gguf"] = opt(
+        "safetensors", "`gguf`: one .gguf file for llama.cpp, Ollama and LM Studio (llama.cpp's own converter), "
+        "with an Ollama Modelfile.")
+    gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = opt(
+        "f16", "GGUF weight type: f32, f16, bf16, or q8_0 (8-bit); k-quants need llama.cpp's llama-quantize.")
+    llama_cpp_source: str | None = opt(
+        None, "GGUF: a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: the one in the pinned "
+        "llama-cpp-python source distribution, fetched once with pip).")
     export_device: Literal["cpu", "auto"] = opt("cpu", "Device used for merging.")
 
 
