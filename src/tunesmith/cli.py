@@ -18,8 +18,9 @@ commands:
   eval      multiple-choice benchmarks: MMLU, C-Eval, CMMLU layouts, n-shot
   chat      talk to a model in the terminal
   serve     OpenAI-compatible API server
-  export    merge LoRA adapters into the base model; write safetensors shards (or legacy .bin)
+  export    merge LoRA adapters into the base model; write safetensors shards (or legacy .bin) or GGUF
   data      load, validate and tokenize the configured datasets and show what the model will see
+  webui     the same from a browser: configure, run, watch, chat, evaluate, export (tunesmith[webui])
   version   print the version
 
 Run `tunesmith <command> --help` for every setting the command accepts.
@@ -53,11 +54,13 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("tunesmith.serve.run", ["model", "finetuning", "generation", "serve", "logging"],
                      "An OpenAI-compatible API: /v1/models, /v1/chat/completions (streaming, tools), /health."),
     "export": Command("tunesmith.export", ["model", "finetuning", "export", "logging"],
-                      "Merge adapters into the base model and write a standard Hugging Face model folder.",
+                      "Merge adapters into the base model and write a standard Hugging Face model folder or GGUF.",
                       {"verify": False, "force": False}),
     "data": Command("tunesmith.preview", ["model", "data", "finetuning", "logging"],
                     "Load, validate and tokenize datasets; print a summary and one rendered example.",
                     {"dump": True}),
+    "webui": Command("tunesmith.webui.run", ["serve", "logging"],
+                     "A web UI over these commands (Gradio): host and port (default 127.0.0.1:7860), api_key."),
 }
 
 

@@ -67,6 +67,8 @@ def preflight(command: str, cfg: Config) -> None:
     """Raise ConfigError with every problem found; commands re-check the rest once they load."""
     from tunesmith.config import validate
 
+    if command == "webui":  # it starts the other commands, which check their own settings
+        return
     problems = validate.check_model(cfg) + check_model_path(cfg)
     if command == "train":
         if cfg.training.do_train:
