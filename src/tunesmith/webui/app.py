@@ -38,6 +38,8 @@ def registry_names(dataset_dir: str) -> list[str]:
 def component(f: forms.FormField, value: Any = None) -> Any:
     value = f.default if value is None else value
     common = {"label": f.name, "info": f.help[:300], "elem_id": f"field-{f.name}"}
+    if f.kind == "bool" and f.default is None:  # unset, true or false (e.g. greater_is_better)
+        return gr.Dropdown(choices=["", "true", "false"], value="" if value is None else str(value).lower(), **common)
     if f.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
     if f.kind == "choice":
@@ -137,7 +139,7 @@ def build(api_check: Any = None) -> gr.Blocks:
 
             def preview_data(*values: Any) -> str:
                 settings = settings_of(*values)
-                args = forms.command_line("data", settings).split(" ")[2:]
+                args = forms.command_args(settings)
                 run = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", *args], capture_output=True,
                                      text=True, timeout=600)
                 return (run.stdout + run.stderr)[-6000:]
@@ -192,7 +194,7 @@ def chat_tab() -> None:
             template = gr.Textbox(label="template", value="auto", info="auto: the adapter's saved template",
                                   elem_id="chat-template")
             load = gr.Button("Load", elem_id="chat-load")
-        loaded = gr.Markdown("no model loaded", elem_id="chat-status")
+        loaded = gr.Markdown("no model yet: Load one", elem_id="chat-status")
         bot = gr.Chatbot(label="chat", elem_id="chatbot", height=360)
         message = gr.Textbox(label="message", elem_id="chat-message")
         send = gr.Button("Send", variant="primary", elem_id="chat-send")

@@ -5,6 +5,7 @@ values to the YAML a command runs, its command line and the validator's messages
 from __future__ import annotations
 
 import json
+import shlex
 import types
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -78,6 +79,8 @@ def to_settings(values: dict[str, Any], fields_: list[FormField]) -> dict[str, A
                 value = None
             elif f.kind == "mapping":
                 value = json.loads(value) if value else {}
+            elif f.kind == "bool" and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
         if f.kind in ("int", "float") and value is not None and not isinstance(value, str):
             value = int(value) if f.kind == "int" and float(value).is_integer() else value
         if value != f.default:
@@ -89,18 +92,22 @@ def settings_yaml(settings: dict[str, Any]) -> str:
     return yaml.safe_dump(settings, sort_keys=False, allow_unicode=True) if settings else "{}\n"
 
 
+def command_args(settings: dict[str, Any]) -> list[str]:
+    """The settings as `key=value` arguments (mappings and lists as JSON)."""
+    def text(value: Any) -> str:
+        return json.dumps(value) if isinstance(value, (dict, list)) else ("null" if value is None else str(value))
+    return [f"{key}={text(value)}" for key, value in settings.items()]
+
+
 def command_line(command: str, settings: dict[str, Any]) -> str:
-    def arg(key: str, value: Any) -> str:
-        text = json.dumps(value) if isinstance(value, (dict, list)) else ("null" if value is None else str(value))
-        return f"{key}={text}" if " " not in text else f"{key}='{text}'"
-    return " ".join(["tunesmith", command] + [arg(k, v) for k, v in settings.items()])
+    """The same as a shell command line."""
+    return shlex.join(["tunesmith", command, *command_args(settings)])
 
 
 def problems(settings: dict[str, Any], check: Any = None) -> list[str]:
     """What the config loader (types, names) and `check(cfg)` (the command's validator) say of the settings."""
     try:
-        cfg = load_config([f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in settings.items()
-                           if v is not None])
+        cfg = load_config(command_args({k: v for k, v in settings.items() if v is not None}))
     except ConfigError as err:
         return list(err.problems)
     if check is None:

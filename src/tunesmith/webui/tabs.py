@@ -61,7 +61,7 @@ class ChatSession:
 
 def run_command(command: str, settings: dict[str, Any], timeout: int = 3600) -> str:
     """A CLI command to the end, in a subprocess; its output."""
-    args = forms.command_line(command, settings).split(" ")[2:]
+    args = forms.command_args(settings)
     run = subprocess.run([sys.executable, "-m", "tunesmith.cli", command, *args], capture_output=True, text=True,
                          timeout=timeout)
     return f"$ {forms.command_line(command, settings)}\n(exit {run.returncode})\n{(run.stdout + run.stderr)[-8000:]}"
@@ -130,7 +130,7 @@ def export_tab() -> None:
                         "export_size": s, "export_legacy_format": leg}
             if f == "gguf":
                 settings["gguf_type"] = g
-            command = ["export", *forms.command_line("export", settings).split(" ")[2:]]
+            command = ["export", *forms.command_args(settings)]
             command += (["--verify"] if v else []) + (["--force"] if fo else [])
             run = subprocess.run([sys.executable, "-m", "tunesmith.cli", *command], capture_output=True, text=True,
                                  timeout=3600)
