@@ -73,6 +73,12 @@ def test_problems_are_the_validators_messages():
                           validate_for_train) == []
 
 
+def test_problems_go_beside_the_fields_they_name():
+    found = ["`learning_rate`: expected a number, got 'x'", "`output_dir` is required", "something general"]
+    assert forms.problems_by_field(found, ["learning_rate", "output_dir", "seed"]) == {
+        "learning_rate": [found[0]], "output_dir": [found[1]]}
+
+
 def test_webui_without_gradio_names_the_extra(monkeypatch, capsys):
     import builtins
 
@@ -145,6 +151,10 @@ def test_train_watch_and_chat_in_a_browser(tmp_path, browser):
         _wait(lambda: socket.create_connection(("127.0.0.1", port), timeout=1), 120, "the web UI to listen")
         browser.get(f"http://127.0.0.1:{port}/")
         _wait(lambda: browser.find_element("id", "start"), 60, "the page")
+        _type(browser, "field-learning_rate", "-1")
+        browser.find_element("id", "check").click()
+        _wait(lambda: "⚠" in browser.find_element("id", "field-learning_rate").text, 60, "the message beside the field")
+        _type(browser, "field-learning_rate", "0.00005")
         _type(browser, "field-output_dir", str(out))
         _type(browser, "field-max_steps", "6")
         _type(browser, "field-logging_steps", "1")
@@ -195,12 +205,13 @@ def test_a_job_stops_at_a_checkpoint_and_resumes(tmp_path, monkeypatch, tiny_mod
                 "template": "chatml", "output_dir": str(out), "max_steps": 400, "save_steps": 2,
                 "per_device_train_batch_size": 1, "logging_steps": 1, "data_cache_dir": str(tmp_path / "cache")}
     job = jobs.start("train", forms.settings_yaml(settings), str(out))
-    _wait(lambda: list(out.glob("checkpoint-*")), 120, "a first checkpoint")
+    complete = lambda: [p for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]  # noqa: E731
+    _wait(complete, 120, "a first checkpoint")
     assert jobs.current().pid == job.pid and job.running()
     job.stop()
     _wait(lambda: not job.running(), 60, "the run to stop")
     assert "interrupted; the latest checkpoint is" in job.log_tail()
-    stopped_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    stopped_at = max(int(p.name.split("-")[1]) for p in complete())
     assert stopped_at < 400
     again = jobs.start("train", (out / "tunesmith_config.yaml").read_text(), str(out))
     _wait(lambda: not again.running(), 300, "the resumed run to finish")

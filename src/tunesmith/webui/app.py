@@ -145,7 +145,16 @@ def build(api_check: Any = None) -> gr.Blocks:
                 return (run.stdout + run.stderr)[-6000:]
 
             inputs = [boxes[n] for n in names]
-            check_btn.click(show, inputs, [yaml_box, cmd_box, problems])
+            def check(*values: Any) -> list[Any]:
+                """show(), plus each problem written under the field it names (the others get their help back)."""
+                text_yaml, cmd, verdict = show(*values)
+                found = forms.problems(settings_of(*values), validate_for_train)
+                notes = forms.problems_by_field(found, names)
+                return [text_yaml, cmd, verdict] + [
+                    gr.update(info=("⚠ " + " / ".join(notes[n]))[:400] if n in notes else by_name[n].help[:300])
+                    for n in names]
+
+            check_btn.click(check, inputs, [yaml_box, cmd_box, problems, *inputs])
             start_btn.click(start, inputs, [yaml_box, cmd_box, problems, status])
             stop_btn.click(stop, None, status)
             resume_btn.click(resume, None, status)

@@ -117,3 +117,15 @@ def problems(settings: dict[str, Any], check: Any = None) -> list[str]:
     except ConfigError as err:
         return list(err.problems)
     return []
+
+
+def problems_by_field(found: list[str], names: list[str]) -> dict[str, list[str]]:
+    """Each problem under the config keys it names (`key` in backticks), for messages beside the fields."""
+    import re
+
+    known, out = set(names), {}
+    for problem in found:
+        for key in dict.fromkeys(re.findall(r"`([a-z_0-9]+)`", problem)):
+            if key in known:
+                out.setdefault(key, []).append(problem)
+    return out
