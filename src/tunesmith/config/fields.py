@@ -277,9 +277,8 @@ class ExportArgs:
         "with an Ollama Modelfile.")
     gguf_type: Literal["f32", "f16", "bf16", "q8_0"] = opt(
         "f16", "GGUF weight type: f32, f16, bf16, or q8_0 (8-bit); k-quants need llama.cpp's llama-quantize.")
-    llama_cpp_source: str | None = opt(
-        None, "GGUF: a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: the one in the pinned "
-        "llama-cpp-python source distribution, fetched once with pip).")
+    llama_cpp_source: str | None = opt(None, "GGUF: a llama.cpp checkout whose converter to use (default: the "
+                                       "pinned llama-cpp-python source distribution's, fetched once with pip).")
     export_device: Literal["cpu", "auto"] = opt("cpu", "Device used for merging.")
 
 

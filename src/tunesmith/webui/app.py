@@ -50,126 +50,138 @@ def component(f: forms.FormField, value: Any = None) -> Any:
     return gr.Textbox(value=text, **common)
 
 
-def build(api_check: Any = None) -> gr.Blocks:
-    from tunesmith.config.validate import validate_for_train
+def build() -> gr.Blocks:
+    from tunesmith.webui.tabs import export_tab, run_tab
 
-    fields = forms.form_fields(TRAIN_GROUPS)
-    by_name = {f.name: f for f in fields}
     with gr.Blocks(title="tunesmith") as page:
         gr.Markdown("# tunesmith\nFine-tune, chat with, evaluate and export models. Every action runs the "
                     "`tunesmith` command line; the YAML and the command are shown before anything starts.")
         with gr.Tab("Train"):
-            boxes: dict[str, Any] = {}
-            with gr.Row():
-                for name in MAIN[:5]:
-                    boxes[name] = component(by_name[name], START.get(name))
-            with gr.Row():
-                boxes["dataset_dir"] = component(by_name["dataset_dir"], START["dataset_dir"])
-                boxes["dataset"] = gr.Dropdown(choices=registry_names(START["dataset_dir"]), value=[START["dataset"]],
-                                               multiselect=True, allow_custom_value=True, label="dataset",
-                                               info=by_name["dataset"].help, elem_id="field-dataset")
-                boxes["output_dir"] = component(by_name["output_dir"], START["output_dir"])
-            with gr.Row():
-                for name in MAIN[8:]:
-                    boxes[name] = component(by_name[name])
-            with gr.Accordion("All settings (every config key, with its help)", open=False):
-                for group in TRAIN_GROUPS:
-                    with gr.Accordion(group, open=False):
-                        for f in fields:
-                            if f.group == group and f.name not in boxes:
-                                boxes[f.name] = component(f)
-            names = list(boxes)
-            with gr.Row():
-                preview_btn = gr.Button("Preview data", elem_id="preview")
-                check_btn = gr.Button("Check", elem_id="check")
-                start_btn = gr.Button("Start", variant="primary", elem_id="start")
-                stop_btn = gr.Button("Stop (at a checkpoint)", elem_id="stop")
-                resume_btn = gr.Button("Resume", elem_id="resume")
-            problems = gr.Markdown(elem_id="problems")
-            with gr.Row():
-                yaml_box = gr.Code(label="YAML it runs", language="yaml", elem_id="yaml")
-                cmd_box = gr.Textbox(label="the same on the command line", elem_id="command", lines=3)
-            with gr.Row():
-                save_path = gr.Textbox(label="save the YAML as", value="webui_train.yaml", scale=3)
-                save_btn = gr.Button("Save YAML", scale=1)
-            preview = gr.Textbox(label="what the model will see (tunesmith data)", lines=12, elem_id="preview-out")
-            status = gr.Markdown("no run yet", elem_id="status")
-            curve = gr.LinePlot(x="step", y="value", color="curve", title="loss", elem_id="curve")
-            log_tail = gr.Textbox(label="log", lines=10, elem_id="log")
-
-            def settings_of(*values: Any) -> dict[str, Any]:
-                raw = dict(zip(names, values))
-                if isinstance(raw.get("dataset"), list):
-                    raw["dataset"] = ",".join(raw["dataset"])
-                return forms.to_settings(raw, fields)
-
-            def show(*values: Any) -> tuple[str, str, str]:
-                settings = settings_of(*values)
-                found = forms.problems(settings, validate_for_train)
-                text = "**ready**" if not found else "**problems:**\n" + "\n".join(f"- {p}" for p in found)
-                return forms.settings_yaml(settings), forms.command_line("train", settings), text
-
-            def start(*values: Any) -> tuple[str, str, str, str]:
-                settings = settings_of(*values)
-                text_yaml, cmd, verdict = show(*values)
-                job = jobs.current()
-                if job is not None and job.running():
-                    return text_yaml, cmd, "**a run is going on already: stop it first**", follow()[0]
-                if verdict != "**ready**":
-                    return text_yaml, cmd, verdict, "not started"
-                jobs.start("train", text_yaml, settings.get("output_dir") or "saves/webui")
-                return text_yaml, cmd, verdict, "started"
-
-            def resume() -> str:
-                job = jobs.current()
-                if job is None or job.running():
-                    return "nothing to resume" if job is None else "the run is still going"
-                saved = Path(job.output_dir) / "tunesmith_config.yaml"
-                if not saved.is_file():
-                    return f"{saved} does not exist yet: the run saved no checkpoint"
-                jobs.start("train", saved.read_text(encoding="utf-8"), job.output_dir)
-                return "resumed from the latest checkpoint"
-
-            def stop() -> str:
-                job = jobs.current()
-                if job is None or not job.running():
-                    return "no run is going on"
-                job.stop()
-                return "stopping at the latest checkpoint..."
-
-            def preview_data(*values: Any) -> str:
-                settings = settings_of(*values)
-                args = forms.command_args(settings)
-                run = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", *args], capture_output=True,
-                                     text=True, timeout=600)
-                return (run.stdout + run.stderr)[-6000:]
-
-            inputs = [boxes[n] for n in names]
-            def check(*values: Any) -> list[Any]:
-                """show(), plus each problem written under the field it names (the others get their help back)."""
-                text_yaml, cmd, verdict = show(*values)
-                found = forms.problems(settings_of(*values), validate_for_train)
-                notes = forms.problems_by_field(found, names)
-                return [text_yaml, cmd, verdict] + [
-                    gr.update(info=("⚠ " + " / ".join(notes[n]))[:400] if n in notes else by_name[n].help[:300])
-                    for n in names]
-
-            check_btn.click(check, inputs, [yaml_box, cmd_box, problems, *inputs])
-            start_btn.click(start, inputs, [yaml_box, cmd_box, problems, status])
-            stop_btn.click(stop, None, status)
-            resume_btn.click(resume, None, status)
-            preview_btn.click(preview_data, inputs, preview)
-            save_btn.click(lambda path, text: (Path(path).write_text(text, encoding="utf-8"), f"saved {path}")[1],
-                           [save_path, yaml_box], status)
-            boxes["dataset_dir"].change(lambda d: gr.Dropdown(choices=registry_names(d)), boxes["dataset_dir"],
-                                        boxes["dataset"])
-            gr.Timer(2.0).tick(follow, None, [status, curve, log_tail])
+            TrainTab().wire()
         chat_tab()
-        from tunesmith.webui.tabs import export_tab, run_tab
-
         run_tab()
         export_tab()
     return page
+
+
+class TrainTab:
+    """The train tab's fields and what its buttons do."""
+
+    def __init__(self) -> None:
+        self.fields = forms.form_fields(TRAIN_GROUPS)
+        self.by_name = {f.name: f for f in self.fields}
+        self.boxes: dict[str, Any] = {}
+        self.fields_ui()
+        self.names = list(self.boxes)
+        self.inputs = [self.boxes[n] for n in self.names]
+
+    def fields_ui(self) -> None:
+        by_name, boxes = self.by_name, self.boxes
+        with gr.Row():
+            for name in MAIN[:5]:
+                boxes[name] = component(by_name[name], START.get(name))
+        with gr.Row():
+            boxes["dataset_dir"] = component(by_name["dataset_dir"], START["dataset_dir"])
+            boxes["dataset"] = gr.Dropdown(choices=registry_names(START["dataset_dir"]), value=[START["dataset"]],
+                                           multiselect=True, allow_custom_value=True, label="dataset",
+                                           info=by_name["dataset"].help, elem_id="field-dataset")
+            boxes["output_dir"] = component(by_name["output_dir"], START["output_dir"])
+        with gr.Row():
+            for name in MAIN[8:]:
+                boxes[name] = component(by_name[name])
+        with gr.Accordion("All settings (every config key, with its help)", open=False):
+            for group in TRAIN_GROUPS:
+                with gr.Accordion(group, open=False):
+                    for f in self.fields:
+                        if f.group == group and f.name not in boxes:
+                            boxes[f.name] = component(f)
+
+    def wire(self) -> None:
+        with gr.Row():
+            preview_btn = gr.Button("Preview data", elem_id="preview")
+            check_btn = gr.Button("Check", elem_id="check")
+            start_btn = gr.Button("Start", variant="primary", elem_id="start")
+            stop_btn = gr.Button("Stop (at a checkpoint)", elem_id="stop")
+            resume_btn = gr.Button("Resume", elem_id="resume")
+        problems = gr.Markdown(elem_id="problems")
+        with gr.Row():
+            yaml_box = gr.Code(label="YAML it runs", language="yaml", elem_id="yaml")
+            cmd_box = gr.Textbox(label="the same on the command line", elem_id="command", lines=3)
+        with gr.Row():
+            save_path = gr.Textbox(label="save the YAML as", value="webui_train.yaml", scale=3)
+            save_btn = gr.Button("Save YAML", scale=1)
+        preview = gr.Textbox(label="what the model will see (tunesmith data)", lines=12, elem_id="preview-out")
+        status = gr.Markdown("no run yet", elem_id="status")
+        curve = gr.LinePlot(x="step", y="value", color="curve", title="loss", elem_id="curve")
+        log_tail = gr.Textbox(label="log", lines=10, elem_id="log")
+        check_btn.click(self.check, self.inputs, [yaml_box, cmd_box, problems, *self.inputs])
+        start_btn.click(self.start, self.inputs, [yaml_box, cmd_box, problems, status])
+        stop_btn.click(stop, None, status)
+        resume_btn.click(resume, None, status)
+        preview_btn.click(self.preview, self.inputs, preview)
+        save_btn.click(lambda path, text: (Path(path).write_text(text, encoding="utf-8"), f"saved {path}")[1],
+                       [save_path, yaml_box], status)
+        self.boxes["dataset_dir"].change(lambda d: gr.Dropdown(choices=registry_names(d)), self.boxes["dataset_dir"],
+                                         self.boxes["dataset"])
+        gr.Timer(2.0).tick(follow, None, [status, curve, log_tail])
+
+    def settings(self, *values: Any) -> dict[str, Any]:
+        raw = dict(zip(self.names, values))
+        if isinstance(raw.get("dataset"), list):
+            raw["dataset"] = ",".join(raw["dataset"])
+        return forms.to_settings(raw, self.fields)
+
+    def show(self, *values: Any) -> tuple[str, str, str, list[str]]:
+        from tunesmith.config.validate import validate_for_train
+
+        settings = self.settings(*values)
+        found = forms.problems(settings, validate_for_train)
+        text = "**ready**" if not found else "**problems:**\n" + "\n".join(f"- {p}" for p in found)
+        return forms.settings_yaml(settings), forms.command_line("train", settings), text, found
+
+    def check(self, *values: Any) -> list[Any]:
+        """The YAML, command and verdict, plus each problem written under the field it names (the other fields
+        get their help back)."""
+        text_yaml, cmd, verdict, found = self.show(*values)
+        notes = forms.problems_by_field(found, self.names)
+        return [text_yaml, cmd, verdict] + [
+            gr.update(info=("⚠ " + " / ".join(notes[n]))[:400] if n in notes else self.by_name[n].help[:300])
+            for n in self.names]
+
+    def start(self, *values: Any) -> tuple[str, str, str, str]:
+        text_yaml, cmd, verdict, found = self.show(*values)
+        job = jobs.current()
+        if job is not None and job.running():
+            return text_yaml, cmd, "**a run is going on already: stop it first**", follow()[0]
+        if found:
+            return text_yaml, cmd, verdict, "not started"
+        jobs.start("train", text_yaml, self.settings(*values).get("output_dir") or "saves/webui")
+        return text_yaml, cmd, verdict, "started"
+
+    def preview(self, *values: Any) -> str:
+        args = forms.command_args(self.settings(*values))
+        run = subprocess.run([sys.executable, "-m", "tunesmith.cli", "data", *args], capture_output=True, text=True,
+                             timeout=600)
+        return (run.stdout + run.stderr)[-6000:]
+
+
+def resume() -> str:
+    job = jobs.current()
+    if job is None or job.running():
+        return "nothing to resume" if job is None else "the run is still going"
+    saved = Path(job.output_dir) / "tunesmith_config.yaml"
+    if not saved.is_file():
+        return f"{saved} does not exist yet: the run saved no checkpoint"
+    jobs.start("train", saved.read_text(encoding="utf-8"), job.output_dir)
+    return "resumed from the latest checkpoint"
+
+
+def stop() -> str:
+    job = jobs.current()
+    if job is None or not job.running():
+        return "no run is going on"
+    job.stop()
+    return "stopping at the latest checkpoint..."
 
 
 def follow() -> tuple[str, Any, str]:
