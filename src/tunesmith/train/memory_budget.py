@@ -129,8 +129,8 @@ class Estimate:
     def describe(self) -> str:
         gb = lambda b: f"{b / GIB:.1f}"  # noqa: E731
         return (f"{gb(self.total)} GiB = weights {gb(self.weights)} + trained parameters' states {gb(self.trained)} "
-                f"+ activations {gb(self.activations)} + loss and backward {gb(self.in_flight)} ({self.tokens:,} tokens per pass, "
-                f"gradient checkpointing {'on' if self.checkpointing else 'off'})")
+                f"+ activations {gb(self.activations)} + loss and backward {gb(self.in_flight)} "
+                f"({self.tokens:,} tokens per pass, gradient checkpointing {'on' if self.checkpointing else 'off'})")
 
 
 def _lora_params(shape: Shape, cfg: Config) -> int:
