@@ -13,6 +13,7 @@ WEBUI_PORT = 7860
 
 
 def run(cfg: Config, extras: dict[str, Any]) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page reports nothing to anyone
     try:
         import gradio  # noqa: F401
     except ImportError:
