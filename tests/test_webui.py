@@ -217,3 +217,24 @@ def test_a_job_stops_at_a_checkpoint_and_resumes(tmp_path, monkeypatch, tiny_mod
     _wait(lambda: not again.running(), 300, "the resumed run to finish")
     assert f"resuming from checkpoint-{stopped_at}" in again.log_tail(400)
     assert (out / "train_results.json").is_file() and again.history()[-1]["current_steps"] == 400
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="Gradio is not installed")
+def test_an_open_host_without_a_key_is_warned_about_and_a_key_is_asked_for(monkeypatch, capsys):
+    from tunesmith.webui import app
+
+    launched = {}
+
+    class Page:
+        def queue(self):
+            return self
+
+        def launch(self, **kwargs):
+            launched.update(kwargs)
+
+    monkeypatch.setattr(app, "build", lambda: Page())
+    app.launch("0.0.0.0", 7999, None)
+    assert "without api_key" in capsys.readouterr().out and launched["auth"] is None
+    app.launch("127.0.0.1", 7999, "secret")
+    assert "without api_key" not in capsys.readouterr().out
+    assert launched["auth"]("anyone", "secret") and not launched["auth"]("anyone", "guess")

@@ -229,6 +229,9 @@ def chat_tab() -> None:
 def launch(host: str, port: int, api_key: str | None) -> None:
     page = build()
     auth = (lambda user, password: password == api_key) if api_key else None
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without api_key: whoever reaches this port can run commands on this "
+              "machine; set api_key (or API_KEY) or keep host=127.0.0.1", flush=True)
     print(f"tunesmith web UI on http://{host}:{port}" + (" (asks for the API key)" if api_key else ""), flush=True)
     page.queue().launch(server_name=host, server_port=port, auth=auth, show_error=True, quiet=True,
                         auth_message="the API key (any user name)" if api_key else None)
