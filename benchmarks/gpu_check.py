@@ -117,6 +117,11 @@ def main() -> int:
         print(json.dumps({"check": "sft-qlora-4bit", "ok": None, "skipped": "bitsandbytes not installed (or --smoke)"}))
     step("dpo-lora", ["train", *base, "stage=dpo", "dataset=preference_demo", "finetuning_type=lora",
                       f"max_steps={steps}", "learning_rate=5e-5"], work / "dpo", params)
+    step("kto-lora", ["train", *base, "stage=kto", "dataset=kto_demo", "finetuning_type=lora",
+                      f"max_steps={steps}", "learning_rate=5e-5"], work / "kto", params)
+    step("grpo-lora", ["train", *base, "stage=grpo", "dataset=arithmetic_demo", "finetuning_type=lora",
+                       f"max_steps={max(2, steps // 4)}", "num_generations=4", "max_new_tokens=32",
+                       "reward_funcs=regex_format,math_answer", "learning_rate=1e-5"], work / "grpo", params)
     resume_check(base, work, params, steps)
     predict = ["predict", f"model_name_or_path={model}", "template=chatml", "dataset=alpaca_en_demo",
                f"dataset_dir={ROOT / 'data'}", "max_samples=32", "max_new_tokens=16", "per_device_eval_batch_size=16",
