@@ -124,3 +124,18 @@ def test_overwrite_protection_and_killed_export(trained, tiny_model_dir, tmp_pat
     assert run_export(tiny_model_dir, first, out, "--force") == 0
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("busy.")], "no temporary folders left behind"
+
+
+def test_a_model_without_sdpa_in_transformers_loads_with_eager_attention(tmp_path, tokenizer):
+    """`attn_implementation: auto` asks for SDPA; Gemma 2 has none in transformers, so it falls back to eager."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from tunesmith.config import load_config
+    from tunesmith.model.loading import load_model
+
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma2")
+    model = load_model(load_config([f"model_name_or_path={tmp_path / 'gemma2'}"]), torch.float32, for_training=False)
+    assert model.config._attn_implementation == "eager"

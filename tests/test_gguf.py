@@ -114,3 +114,27 @@ def test_the_template_in_the_metadata_renders_like_the_tokenizer(tmp_path, adapt
     from_gguf = tok.apply_chat_template(chat, chat_template=llm.metadata["tokenizer.chat_template"], tokenize=False,
                                         add_generation_prompt=True)
     assert from_gguf == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.slow
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_other_architectures_convert_and_match_in_llama_cpp(tmp_path, arch, tokenizer, capsys):
+    """Random tiny models of these families (the shipped tokenizer) through the same export and check."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+
+    config = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "gguf"
+    assert main(["export", f"model_name_or_path={tmp_path / 'model'}", "template=chatml", f"export_dir={out}",
+                 "export_format=gguf", "gguf_type=f32", "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify OK: llama.cpp tokenizes 5/5 prompts" in printed and "identical for 5/5" in printed
+    expected = {"mistral": "llama"}.get(arch, arch)  # llama.cpp runs Mistral as its llama architecture
+    assert reader(out / "gguf.f32.gguf").fields["general.architecture"].contents() == expected

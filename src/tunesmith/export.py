@@ -173,6 +173,11 @@ def run_gguf(cfg: Config, model: Any, tokenizer: Any, template: Any, dtype: Any,
     hf = tmp / "hf"
     write_folder(model, tokenizer, template, cfg, dtype, hf)
     del model
+    for name in ("tokenizer.model",):  # llama.cpp reads SentencePiece vocabularies (Gemma, Llama 2) from it
+        source = next((Path(p) / name for p in [*cfg.adapter_paths()[::-1], cfg.model.model_name_or_path]
+                       if (Path(p) / name).is_file()), None)
+        if source is not None and not (hf / name).exists():
+            shutil.copy2(source, hf / name)
     stops = template.stop if template is not None else []
     gguf_path = export_gguf.write_gguf(tmp, hf, out.name, e.gguf_type, e.llama_cpp_source, stops)
     result = export_gguf.verify(hf, gguf_path) if check else None

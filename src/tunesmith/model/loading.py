@@ -65,10 +65,19 @@ def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any =
 
     path = cfg.model.model_name_or_path
     quantized = quantization(cfg, compute_dtype if compute_dtype is not None else dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
+    def load(attn: str) -> Any:
+        return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.model_revision,
-            cache_dir=cfg.model.cache_dir, attn_implementation=_attn(cfg), **quantized)
+            cache_dir=cfg.model.cache_dir, attn_implementation=attn, **quantized)
+
+    try:
+        try:
+            model = load(_attn(cfg))
+        except ValueError as err:  # `auto` on a model without an SDPA path (Gemma 2): its eager attention
+            if cfg.model.attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
+                raise
+            log.info("this model has no SDPA attention in transformers; loading it with eager attention")
+            model = load("eager")
     except (OSError, ValueError) as err:
         raise ConfigError([f"`model_name_or_path`: could not load a model from `{path}`: "
                            f"{str(err).splitlines()[0]}; point it at a model folder (config.json and weights)"]) from None
