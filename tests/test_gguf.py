@@ -118,16 +118,18 @@ def test_the_template_in_the_metadata_renders_like_the_tokenizer(tmp_path, adapt
 
 @pytest.mark.slow
 @needs_llama_cpp
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gemma3"])
 def test_other_architectures_convert_and_match_in_llama_cpp(tmp_path, arch, tokenizer, capsys):
-    """Random tiny models of these families (the shipped tokenizer) through the same export and check."""
+    """Random tiny models of these families (the shipped tokenizer) through the same export and check. Gemma 3
+    as released up to 12B: the attention scale's query_pre_attn_scalar equals head_dim (llama.cpp assumes it)."""
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    config = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+    kind = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[arch]
+    extra = {"query_pre_attn_scalar": 16} if arch == "gemma3" else {}
+    config = kind(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
