@@ -146,11 +146,10 @@ def verify(hf_dir: Path, gguf_path: Path, tokens: int = 32) -> dict[str, Any]:
         llm.eval(ids)
         logits = torch.tensor(llm.scores[llm.n_tokens - 1])
         worst = max(worst, float((torch.log_softmax(logits, -1) - ref_logp).abs().max()))
-        generated, llm_ids = [], list(ids)
+        generated = []
         for _ in range(tokens):  # greedy in llama.cpp, no stop tokens, as the reference
             nxt = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
             generated.append(nxt)
-            llm_ids.append(nxt)
             llm.eval([nxt])
         same_greedy += generated == expected[len(ids):]
     return {"prompts": len(VERIFY_PROMPTS), "same_prompt_tokens": same_tokens, "same_greedy": same_greedy,

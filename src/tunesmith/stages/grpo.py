@@ -86,7 +86,9 @@ class Rollouts:
 
     @property
     def n_targets(self) -> int:
-        return int((self.seqs.targets != -100).sum())
+        from tunesmith.data.encode import IGNORE
+
+        return int((self.seqs.targets != IGNORE).sum())
 
     def to(self, device: Any) -> "Rollouts":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -176,6 +178,7 @@ class GRPOObjective:
         import numpy as np
         import torch
 
+        from tunesmith.data.encode import IGNORE, shifted
         from tunesmith.data.pairs import PairBatch
 
         weights = {name: w for name, _, w in self.funcs}
@@ -188,7 +191,7 @@ class GRPOObjective:
             answer = answer or [self.engine.config.eos_token_id[0]]  # an empty answer still ends its turn
             seq = prompt + answer
             ids += seq
-            targets += [-100] * (len(prompt) - 1) + answer + [-100]
+            targets += shifted(np.array([IGNORE] * len(prompt) + answer)).tolist()
             positions += list(range(len(seq)))
             bounds.append(len(ids))
         row = lambda v: torch.tensor(v, dtype=torch.long)[None]  # noqa: E731

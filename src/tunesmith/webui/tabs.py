@@ -59,12 +59,13 @@ class ChatSession:
         yield history, ""
 
 
-def run_command(command: str, settings: dict[str, Any], timeout: int = 3600) -> str:
-    """A CLI command to the end, in a subprocess; its output."""
-    args = forms.command_args(settings)
+def run_command(command: str, settings: dict[str, Any], flags: tuple[str, ...] = (), timeout: int = 3600) -> str:
+    """A CLI command (with command-line `flags` such as --verify) to the end, in a subprocess; its output."""
+    args = [*forms.command_args(settings), *flags]
     run = subprocess.run([sys.executable, "-m", "tunesmith.cli", command, *args], capture_output=True, text=True,
                          timeout=timeout)
-    return f"$ {forms.command_line(command, settings)}\n(exit {run.returncode})\n{(run.stdout + run.stderr)[-8000:]}"
+    shown = " ".join([forms.command_line(command, settings), *flags])
+    return f"$ {shown}\n(exit {run.returncode})\n{(run.stdout + run.stderr)[-8000:]}"
 
 
 def _model_row() -> tuple[Any, Any]:
@@ -130,11 +131,7 @@ def export_tab() -> None:
                         "export_size": s, "export_legacy_format": leg}
             if f == "gguf":
                 settings["gguf_type"] = g
-            command = ["export", *forms.command_args(settings)]
-            command += (["--verify"] if v else []) + (["--force"] if fo else [])
-            run = subprocess.run([sys.executable, "-m", "tunesmith.cli", *command], capture_output=True, text=True,
-                                 timeout=3600)
-            return f"$ tunesmith {' '.join(command)}\n(exit {run.returncode})\n{(run.stdout + run.stderr)[-8000:]}"
+            return run_command("export", settings, ("--verify",) * v + ("--force",) * fo)
 
         export_btn.click(export, [model, adapter, export_dir, fmt, gguf_type, dtype, size, legacy, verify, force],
                          output)
