@@ -185,3 +185,27 @@ def test_freeze_tuning_trains_the_last_layer_only(tmp_path, tiny_model_dir):
     base, tuned = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
     assert changed and all(k.startswith("model.layers.1.") for k in changed)
+
+
+def test_lora_old_logps_keep_the_adapter_and_the_reference_drops_it(tmp_path, tiny_model_dir, tokenizer):
+    """With LoRA the reference is the same model with its adapter disabled; the sampling policy's log-probabilities
+    (num_iterations > 1) must be taken with the adapter on."""
+    from tunesmith.train.objectives import token_logps
+
+    s = setup_for(tmp_path, tiny_model_dir, "num_iterations=2", "pref_beta=0.1")
+    objective, model = s.objective, s.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: policy and reference now differ
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    objective.sample = lambda prompts: [tokenizer.encode("3 + 4 = 7", add_special_tokens=False) + [end]
+                                        for _ in prompts]
+    batch = objective.collate(s.data.train, [[0], [1]])
+    model.eval()
+    with torch.no_grad():
+        policy = token_logps(model, batch.seqs)[0]
+        with model.disable_adapter():
+            reference = token_logps(model, batch.seqs)[0]
+    assert not torch.allclose(policy, reference, atol=1e-3)
+    assert torch.allclose(batch.old_logps, policy, atol=1e-5) and torch.allclose(batch.ref_logps, reference, atol=1e-5)

@@ -202,22 +202,21 @@ class GRPOObjective:
                 **{f"rewards/{name}": float(sum(v)) for name, v in per_fn.items()}}
         device = next(self.model.parameters()).device
         out = Rollouts(seqs, torch.tensor(advantages, dtype=torch.float32), None, None, sums).to(device)
-        return replace(out, old_logps=self.fixed_logps(self.model, out.seqs, self.iterations > 1),
-                       ref_logps=self.fixed_logps(self.reference, out.seqs, self.beta > 0))
+        old = self.fixed_logps(self.model, out.seqs) if self.iterations > 1 else None
+        ref = self.fixed_logps(self.reference, out.seqs, self.lora_reference) if self.beta > 0 else None
+        return replace(out, old_logps=old, ref_logps=ref)
 
-    def fixed_logps(self, model: Any, seqs: Any, wanted: bool) -> Any:
-        """Per-token log-probabilities that stay fixed through a batch's iterations (sampling policy, reference)."""
+    def fixed_logps(self, model: Any, seqs: Any, adapter_off: bool = False) -> Any:
+        """Per-token log-probabilities that stay fixed through a batch's iterations: the sampling policy's, or the
+        reference's (`adapter_off`: LoRA's reference is the same model with its adapter disabled)."""
         import contextlib
 
         import torch
 
         from tunesmith.train.objectives import token_logps
 
-        if not wanted or model is None:
-            return None
-        adapter_off = getattr(model, "disable_adapter", None) if (model is self.reference and self.lora_reference) \
-            else None
-        with torch.no_grad(), self.acc.autocast(), (adapter_off() if adapter_off else contextlib.nullcontext()):
+        off = model.disable_adapter() if adapter_off else contextlib.nullcontext()
+        with torch.no_grad(), self.acc.autocast(), off:
             return token_logps(model, seqs)[0]
 
     def log_samples(self, data: Any, indices: list[int], texts: list[str], total: Any,
