@@ -191,15 +191,6 @@ def test_key_value_with_a_file_suffix_is_a_setting():
     assert cfg.training.deepspeed == "examples/deepspeed/ds_z2_config.json"
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="FSDP is allowed where CUDA GPUs exist")
-def test_fsdp_on_cpu_is_refused_not_downgraded(monkeypatch):
-    from tunesmith.train.distributed import make_accelerator
-
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP runs on GPUs only"):
-        make_accelerator(load_config(["model_name_or_path=m", "output_dir=o"]))
-
-
 def test_the_settings_page_is_generated_from_the_dataclasses():
     import importlib.util
 

@@ -230,6 +230,9 @@ class TrainingArgs:
     ddp_timeout: int = opt(1800, "Seconds a rank waits for the others before failing.")
     deepspeed: str | None = opt(None, "DeepSpeed config JSON (ZeRO 0/2/3, offload); \"auto\" values are filled "
                                       "from this config. Launch with torchrun or accelerate launch.")
+    fsdp: Literal["no", "full_shard", "shard_grad_op", "offload"] = opt(
+        "no", "Shard weights, gradients and optimizer state across processes with FSDP2 (GPUs or CPUs): full_shard; "
+        "shard_grad_op keeps weights gathered from forward to backward; offload keeps shards in CPU memory (GPUs).")
     disable_tqdm: bool = opt(False, "Hide the progress bar.")
 
 

@@ -1,10 +1,11 @@
-"""Where the loop differs between process setups: one process / DDP / FSDP (accelerate) or DeepSpeed ZeRO.
+"""Where the loop differs between process setups: one process / DDP (accelerate), DeepSpeed ZeRO, or FSDP.
 
-tunesmith drives no collective itself: accelerate wraps the model for DDP and FSDP, DeepSpeed's engine reduces,
-partitions and clips gradients. The loop asks a `Stepper` for three things (a backward, the accumulation
-context, the update) and the checkpoint code asks it to save or load weights and optimizer state; only the
-DeepSpeed and FSDP steppers know about sharding. DeepSpeed config files are LLaMA-Factory's: "auto" values are filled from the tunesmith
-config, explicit values that contradict it are an error.
+tunesmith drives no collective itself: accelerate wraps the model for DDP, DeepSpeed's engine reduces,
+partitions and clips gradients, FSDP2 (train/fsdp.py) reduce-scatters in the backward. The loop asks a `Stepper`
+for three things (a backward, the accumulation context, the update) and the checkpoint code asks it to save or
+load weights and optimizer state; only the DeepSpeed and FSDP steppers know about sharding. DeepSpeed config
+files are LLaMA-Factory's: "auto" values are filled from the tunesmith config, explicit values that contradict
+it are an error.
 """
 
 from __future__ import annotations
@@ -91,10 +92,6 @@ def make_accelerator(cfg: Config) -> Any:
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
     timeout = timedelta(seconds=t.ddp_timeout)
     if not deepspeed_requested(cfg):
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
-            raise ConfigError(["FSDP runs on GPUs only (accelerate would silently fall back to plain DDP here, "
-                               "every process holding the whole model); on CPUs shard with DeepSpeed ZeRO-3 "
-                               "instead: `deepspeed: examples/deepspeed/ds_z3_config.json` under torchrun"])
         if "WORLD_SIZE" not in os.environ:
             # accelerate keeps one process-wide state and refuses another precision for a later run in the same
             # process (the Python API, tests); a single process has no group to keep, so start it afresh
@@ -228,30 +225,8 @@ class DeepSpeedStepper(Stepper):
                                    load_optimizer_states=True, load_lr_scheduler_states=False)
 
 
-class FSDPStepper(Stepper):
-    """FSDP (GPUs only): weights and optimizer state are sharded; accelerate saves and restores the shards
-    (checkpoint-N/fsdp/), and gathers a full state dict for the model files."""
-
-    owns_backward = True
-
-    def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
-        state = self.acc.get_state_dict(self.model)
-        if is_main:
-            unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
-
-    def load_weights(self, unwrapped: Any, folder: Path) -> None:
-        self.acc.load_state(str(folder / "fsdp"))
-
-    def save_optimizer(self, folder: Path, is_main: bool) -> None:
-        self.acc.save_state(str(folder / "fsdp"))
-
-    def load_optimizer(self, folder: Path) -> None:
-        pass  # load_weights restored model and optimizer shards together
-
-
 def make_stepper(accelerator: Any, model: Any, optimizer: Any, max_grad_norm: float) -> Stepper:
     from accelerate.utils import DistributedType
 
-    kind = {DistributedType.DEEPSPEED: DeepSpeedStepper, DistributedType.FSDP: FSDPStepper}.get(
-        accelerator.distributed_type, Stepper)
+    kind = DeepSpeedStepper if accelerator.distributed_type == DistributedType.DEEPSPEED else Stepper
     return kind(accelerator, model, optimizer, max_grad_norm)

@@ -134,7 +134,7 @@ def use_chunked_head(model: Any, cfg: Config, accelerator: Any) -> str:
 
     from tunesmith.train import head_loss
 
-    if accelerator.distributed_type == DistributedType.FSDP or zero3_sharded() or cfg.training.torch_compile:
+    if cfg.training.fsdp != "no" or zero3_sharded() or cfg.training.torch_compile:
         return "plain"
     with accelerator.autocast():  # as the loop runs it (adapter inputs stay in half precision from here on)
         installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size))
@@ -148,7 +148,7 @@ def use_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:
 
     from tunesmith.model import kept_rows
 
-    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    sharded = accelerator.distributed_type == DistributedType.DEEPSPEED or cfg.training.fsdp != "no"
     if sharded or cfg.training.gradient_checkpointing or cfg.training.torch_compile:
         return False
     with accelerator.autocast():

@@ -168,9 +168,10 @@ def _deepspeed_zero(cfg: Config) -> dict:
 
 
 def zero_stage(cfg: Config) -> int:
-    """The ZeRO stage of the run: DeepSpeed's from its config, 3 for FSDP (accelerate's environment), else 0."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        return 3
+    """The ZeRO stage of the run: DeepSpeed's from its config; for FSDP 3 (2 with shard_grad_op, whose weights
+    stay gathered from the forward to the backward); else 0."""
+    if cfg.training.fsdp != "no" or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return 2 if cfg.training.fsdp == "shard_grad_op" else 3
     try:
         return int(_deepspeed_zero(cfg).get("stage", 0))
     except (TypeError, ValueError):

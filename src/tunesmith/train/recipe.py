@@ -19,9 +19,10 @@ import torch
 
 from tunesmith.config import Config
 from tunesmith.config.loader import ConfigError
-from tunesmith.config.validate import validate_for_train
+from tunesmith.config.validate import raise_if, validate_for_train
 from tunesmith.errors import StopError
 from tunesmith.train import checkpoint as ckpt
+from tunesmith.train import fsdp
 from tunesmith.train.launch import launch, processes_wanted
 from tunesmith.train.logger import TrainLogger, plot_losses, write_results
 from tunesmith.train.memory import recompute_cheap_activations
@@ -265,7 +266,10 @@ def run(cfg: Config, extras: dict[str, Any]) -> int:
             return evaluate_only(cfg)
         raise ConfigError(["`do_train: false`: nothing to do (use `tunesmith predict` or `tunesmith eval`)"])
     validate_for_train(cfg)
+    fsdp.adopt_accelerate_fsdp(cfg)
     processes = processes_wanted(cfg)
+    if fsdp.fsdp_requested(cfg):
+        raise_if(fsdp.problems(cfg, int(os.environ.get("WORLD_SIZE", processes))))
     if processes > 1:
         return launch(cfg, processes)
     profile = choose_profile(cfg)

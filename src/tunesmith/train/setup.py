@@ -16,7 +16,7 @@ from tunesmith.config.loader import ConfigError
 from tunesmith.data.batching import BatchPlan
 from tunesmith.data.pipeline import Datasets
 from tunesmith.stages.base import Stage
-from tunesmith.train import kernels
+from tunesmith.train import fsdp, kernels
 from tunesmith.train.data import load_training_data
 from tunesmith.train.distributed import Stepper
 from tunesmith.train.memory_budget import plan_memory
@@ -121,12 +121,16 @@ def count_steps(plan: BatchPlan, cfg: Config, iterations: int = 1) -> int:
 def load_trainable_model(cfg: Config, accelerator: Any) -> torch.nn.Module:
     """The base model in its training dtype (quantized for QLoRA), with what trains (lora/freeze/full) set up,
     on the accelerator's device."""
-    from tunesmith.model.adapters import apply_finetuning, parameter_counts
+    from tunesmith.model.adapters import apply_finetuning
     from tunesmith.model.loading import load_model
 
     t = cfg.training
     # LoRA with bf16 keeps the frozen base in bf16 (half the memory); trained weights are always fp32.
     base_dtype = torch.bfloat16 if (cfg.finetuning.finetuning_type == "lora" and t.bf16) else torch.float32
+    if fsdp.fsdp_requested(cfg):  # rank 0 reads the weights, the others build on the meta device, then shard
+        model = fsdp.load_unsharded(cfg, base_dtype, lambda m: apply_finetuning(m, cfg), accelerator.process_index)
+        log_parameter_counts(model, accelerator)
+        return fsdp.shard(model, cfg, accelerator.device)
     model = load_model(cfg, base_dtype, for_training=True, compute_dtype=compute_dtype(cfg))
     quantized = cfg.model.quantization_bit is not None
     if quantized:  # QLoRA: norms and embeddings in fp32, everything frozen before the adapters are added
@@ -135,13 +139,19 @@ def load_trainable_model(cfg: Config, accelerator: Any) -> torch.nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_finetuning(model, cfg)
+    log_parameter_counts(model, accelerator)
+    if not quantized:  # a quantized model was placed on its device when loaded and cannot be moved
+        model.to(accelerator.device)
+    return model
+
+
+def log_parameter_counts(model: Any, accelerator: Any) -> None:
+    from tunesmith.model.adapters import parameter_counts
+
     trainable_n, total_n = parameter_counts(model)
     if accelerator.is_main_process:
         log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable_n, total_n,
                  100 * trainable_n / total_n)
-    if not quantized:  # a quantized model was placed on its device when loaded and cannot be moved
-        model.to(accelerator.device)
-    return model
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
@@ -193,9 +203,14 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     total_steps = count_steps(plan, cfg, getattr(objective, "iterations", 1))
     if t.torch_compile:
         model = torch.compile(model, dynamic=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp.fsdp_requested(cfg):  # already sharded: accelerate must not wrap it for data parallelism
+        optimizer = accelerator.prepare(optimizer)
+        stepper: Stepper = fsdp.FSDPStepper(accelerator, model, optimizer, t.max_grad_norm,
+                                            adapter=cfg.finetuning.finetuning_type == "lora")
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        stepper = make_stepper(accelerator, model, optimizer, t.max_grad_norm)
     # The schedule drives the optimizer that really steps (DeepSpeed may replace ours, e.g. with CPU Adam).
     scheduler = build_scheduler(innermost_optimizer(optimizer), cfg, total_steps)
-    stepper = make_stepper(accelerator, model, optimizer, t.max_grad_norm)
     return Setup(accelerator, tokenizer, template, data, model, optimizer, scheduler, plan, eval_plan,
                  total_steps, stage, objective, stepper, profile)

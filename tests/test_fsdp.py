@@ -1,0 +1,135 @@
+"""FSDP2 on 2 CPU processes (gloo): the same losses as one process with twice the batch, whole adapter and model
+files gathered on rank 0 only, an exact resume from sharded optimizer state, and loading on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, keep_only_checkpoint, write_dataset
+from test_distributed import args_for, launch, losses, logged, torchrun
+from test_train import sft_rows
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process tests run on Linux")
+
+
+@pytest.fixture()
+def data(tmp_path):
+    write_dataset(tmp_path / "data", "sft", sft_rows(30))
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fsdp_equals_one_process_and_saves_whole_files(tmp_path, tiny_model_dir, data, kind):
+    common = [f"finetuning_type={kind}", "lora_target=all", "max_steps=4", "gradient_accumulation_steps=2",
+              "max_grad_norm=0.5", "save_strategy=steps", "save_steps=2"]
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    launch([[sys.executable, "-m", "tunesmith.cli", *args_for(tmp_path, tiny_model_dir, one, *common,
+                                                              "per_device_train_batch_size=4")]])
+    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, sharded, *common, "per_device_train_batch_size=2",
+                                 "fsdp=full_shard"))])
+    assert len(losses(one)) == 4
+    assert losses(sharded) == pytest.approx(losses(one), rel=1e-5, abs=1e-6)
+    assert logged(sharded, "grad_norm") == pytest.approx(logged(one, "grad_norm"), rel=1e-4)
+    name = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    for folder in ("", "checkpoint-2"):
+        a, b = load_file(one / folder / name), load_file(sharded / folder / name)
+        assert set(a) == set(b)  # whole tensors, the same keys (LoRA: the adapter's only)
+        for key in a:
+            assert a[key].shape == b[key].shape
+            # Adam turns reduction-order noise in near-zero gradients into differences far below one step (lr 1e-2)
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4)
+    ranks = sorted(p.name for p in (sharded / "checkpoint-2" / "fsdp").iterdir())
+    assert ranks == ["optimizer_rank0.pt", "optimizer_rank1.pt"]
+    assert not (sharded / "checkpoint-2" / "optimizer.pt").exists()
+
+
+def test_fsdp_resume_is_exact_and_needs_the_same_process_count(tmp_path, tiny_model_dir, data):
+    common = ["finetuning_type=full", "max_steps=4", "save_strategy=steps", "save_steps=2",
+              "per_device_train_batch_size=2", "fsdp=full_shard"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    launch([torchrun(2, args_for(tmp_path, tiny_model_dir, straight, *common))])
+    shutil.copytree(straight, stopped)
+    saved = (stopped / "tunesmith_config.yaml").read_text().replace(str(straight), str(stopped))
+    (stopped / "tunesmith_config.yaml").write_text(saved)
+    keep_only_checkpoint(stopped, "checkpoint-2")
+    launch([torchrun(2, ["train", str(stopped / "tunesmith_config.yaml")])])
+    a, b = load_file(straight / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(stopped) == losses(straight)
+    # the sharded optimizer state of 2 processes cannot be resumed by 3
+    keep_only_checkpoint(stopped, "checkpoint-2")
+    run = subprocess.run(torchrun(3, ["train", str(stopped / "tunesmith_config.yaml")]), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "saved by 2 fsdp processes and this run has 3" in run.stdout + run.stderr
+
+
+def test_fsdp_loads_weights_on_rank_0_only(tmp_path, tiny_model_dir):
+    """Rank 1 builds the model on the meta device (no memory), then receives rank 0's weights into its shards."""
+    script = tmp_path / "check.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+from tunesmith.config import load_config
+from tunesmith.model.adapters import apply_finetuning
+from tunesmith.train import fsdp
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = load_config(["model_name_or_path={tiny_model_dir}", "output_dir=o", "finetuning_type=lora", "fsdp=full_shard"])
+model = fsdp.load_unsharded(cfg, torch.float32, lambda m: apply_finetuning(m, cfg), rank)
+devices = {{p.device.type for p in model.parameters()}}
+assert devices == ({{"cpu"}} if rank == 0 else {{"meta"}}), devices
+full = {{k: v.clone() for k, v in model.state_dict().items()}} if rank == 0 else None
+model = fsdp.shard(model, cfg, torch.device("cpu"))
+local = sum(p.to_local().numel() for p in model.parameters())
+total = sum(p.numel() for p in model.parameters())
+assert local < total * 0.6, (local, total)  # each rank holds about half
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    assert set(gathered) == set(full)
+    for k in full:
+        assert torch.equal(gathered[k], full[k]), k
+ids = torch.tensor([[1, 5, 9, 3]])
+out = model(input_ids=ids).logits
+outs = [torch.zeros_like(out) for _ in range(2)]
+dist.all_gather(outs, out)
+assert torch.equal(outs[0], outs[1])  # rotary buffers and weights arrived on rank 1
+dist.destroy_process_group()
+print("ok", rank)
+""")
+    launch([[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]])
+
+
+def test_fsdp_config_problems():
+    from tunesmith.config import load_config
+    from tunesmith.train.fsdp import problems
+
+    cfg = load_config(["model_name_or_path=m", "output_dir=o", "stage=dpo", "fsdp=full_shard",
+                       "deepspeed=x.json", "quantization_bit=4"])
+    found = " | ".join(problems(cfg, 1))
+    for part in ("stage `dpo` is not supported", "`fsdp` and `deepspeed`", "`quantization_bit`",
+                 "this run has one"):
+        assert part in found
+    assert problems(load_config(["model_name_or_path=m", "output_dir=o", "fsdp=full_shard"]), 2) == []
+    cfg = load_config(["model_name_or_path=m", "output_dir=o", "fsdp=no"])
+    assert cfg.training.fsdp == "no"
+
+
+def test_accelerate_fsdp_config_becomes_fsdp(monkeypatch):
+    from tunesmith.config import load_config
+    from tunesmith.train.fsdp import adopt_accelerate_fsdp
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    cfg = load_config(["model_name_or_path=m", "output_dir=o"])
+    adopt_accelerate_fsdp(cfg)
+    assert cfg.training.fsdp == "shard_grad_op"
+    import os
+
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # accelerate itself must not wrap the model again
