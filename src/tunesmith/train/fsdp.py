@@ -8,6 +8,8 @@ of through accelerate, which runs FSDP on GPUs only:
   device, which allocates nothing. After sharding, the other ranks allocate their shards and rank 0 broadcasts
   the weights (and the buffers that are not in the state dict, such as rotary frequencies). No rank ever holds
   the whole model on its GPU.
+- The output head is the chunked head + loss (train/head_loss.py) here too: the model's outermost weights
+  (embeddings, final norm, head) stay gathered from the forward to the end of the backward.
 - Saving: only what a checkpoint holds is gathered, one tensor at a time, to rank 0's CPU memory (the trainable
   tensors for LoRA; the whole model for freeze/full), so the adapter and model files are whole and used like any
   other. The optimizer state stays sharded: each rank writes its own part (`fsdp/optimizer_rank<R>.pt`), so a
@@ -113,7 +115,10 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    from tunesmith.train import head_loss
+
     rank = dist.get_rank()
+    head_loss.place(model)  # the chunked head + loss (train/kernels.py switches it on after its check)
     full = model.state_dict() if rank == 0 else {}
     buffers = [name for name, _ in model.named_buffers()]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -125,13 +130,26 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
         options["offload_policy"] = CPUOffloadPolicy()
     for layer in layers_to_wrap(model):
         fully_shard(layer, **options)
-    fully_shard(model, **options)
+    # the embeddings, final norm and output head stay gathered from the forward to the end of the backward, which
+    # needs them first (head) and last (embeddings); so the chunked head + loss can use the head after the forward
+    fully_shard(model, **{**options, "reshard_after_forward": False})
     if rank != 0:
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name in buffers:  # rotary frequencies and other buffers that are not in the state dict
         dist.broadcast(model.get_buffer(name), src=0)
     return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Back to the sharded parameters. A forward without gradients (the setup checks, evaluation) leaves the
+    outermost weights gathered, since no backward follows to shard them; the optimizer and the state dicts must
+    see the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def to_local_state(value: Any) -> Any:
@@ -174,6 +192,7 @@ class FSDPStepper(Stepper):
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        reshard(self.model)
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.adapter)
         state = get_model_state_dict(self.model, options=options)  # collective; whole tensors on rank 0 only
@@ -183,6 +202,7 @@ class FSDPStepper(Stepper):
     def load_weights(self, unwrapped: Any, folder: Path) -> None:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        reshard(self.model)
 
         saved: dict[str, torch.Tensor] = {}
         for file in sorted(folder.glob("adapter_model.safetensors" if self.adapter else "model*.safetensors")):
@@ -203,6 +223,7 @@ class FSDPStepper(Stepper):
     def save_optimizer(self, folder: Path, is_main: bool) -> None:
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        reshard(self.model)
 
         state = to_local_state(get_optimizer_state_dict(self.model, self.optimizer))
         (folder / OPTIMIZER_FOLDER).mkdir(exist_ok=True)
@@ -213,6 +234,7 @@ class FSDPStepper(Stepper):
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         from torch.distributed.tensor import DTensor
+        reshard(self.model)
 
         from tunesmith.train.checkpoint import safe_load
 

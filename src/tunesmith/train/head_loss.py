@@ -11,8 +11,9 @@ state dicts and adapters do not change) and, while training, hands the hidden st
 "logits" are hidden states and the losses call `token_nll` with the head's weight. Installed at setup after a
 check on the loaded model that the chunked per-position loss equals the one from the model's own logits (models
 that post-process their logits, e.g. with soft-capping, fail the check and keep the plain path; the gradients
-are tested in tests/test_head_loss.py), and not under ZeRO-3 or FSDP,
-which gather the head's weight only inside its own forward.
+are tested in tests/test_head_loss.py), and not under ZeRO-3, which gathers the head's weight only inside its own
+forward. Under FSDP the head is put in place before sharding (`place`) and switched on after the check; FSDP keeps
+the model's outermost weights, the head's among them, gathered from the forward to the end of the backward.
 """
 
 from __future__ import annotations
@@ -154,13 +155,26 @@ def install(model: Any, check: Any) -> bool:
     loss with the plain one) passes; True when installed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:
+    placed = isinstance(head, PassThroughHead)
+    if not placed and type(head) is not nn.Linear:
         return False
-    chunked = PassThroughHead(head)
+    chunked = head if placed else PassThroughHead(head)
     base.set_output_embeddings(chunked)
     chunked.passing = True
     if check(model):
         return True
-    base.set_output_embeddings(head)
+    if placed:
+        chunked.passing = False  # stays in place (a sharded model's modules cannot be swapped), as a plain head
+    else:
+        base.set_output_embeddings(head)
     log.warning("the chunked head + loss did not match the plain one on this model; using the plain path")
     return False
+
+
+def place(model: Any) -> None:
+    """Put a PassThroughHead in place of a plain linear head, switched off (it computes the logits) until
+    `install` checks it; for models whose modules cannot be replaced later (sharded by FSDP)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is nn.Linear:
+        base.set_output_embeddings(PassThroughHead(head))

@@ -128,13 +128,11 @@ def chunked_head_matches(model: Any, vocab_size: int) -> bool:
 
 
 def use_chunked_head(model: Any, cfg: Config, accelerator: Any) -> str:
-    """Head + loss in chunks of positions where the loop allows it: not under FSDP, ZeRO-3 (they gather the
-    head only inside its own forward) or torch.compile. Returns the head + loss kernel's name."""
-    from accelerate.utils import DistributedType
-
+    """Head + loss in chunks of positions where the loop allows it: not under ZeRO-3 (it gathers the head only
+    inside its own forward) or torch.compile. Returns the head + loss kernel's name."""
     from tunesmith.train import head_loss
 
-    if cfg.training.fsdp != "no" or zero3_sharded() or cfg.training.torch_compile:
+    if zero3_sharded() or cfg.training.torch_compile:
         return "plain"
     with accelerator.autocast():  # as the loop runs it (adapter inputs stay in half precision from here on)
         installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size))

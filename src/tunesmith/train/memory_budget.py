@@ -257,7 +257,8 @@ def _loss_bytes(shape: Shape, cfg: Config, tokens: int, compute: int) -> tuple[f
     from tunesmith.train.head_loss import chunk_for
 
     head_grad = shape.vocab * shape.hidden * 4 if cfg.finetuning.finetuning_type == "full" else 0
-    if zero_stage(cfg) < 3 and not cfg.training.torch_compile:  # where kernels.use_chunked_head chunks
+    zero3 = zero_stage(cfg) == 3 and cfg.training.fsdp == "no"  # DeepSpeed ZeRO-3 (FSDP chunks the head too)
+    if not zero3 and not cfg.training.torch_compile:  # where kernels.use_chunked_head chunks
         chunk = min(tokens, chunk_for(shape.vocab))
         # the head's input and the gradient formed ahead; a chunk's fp32 logits and log-sum-exp's temporary
         # (+ the half-precision logits and a cast under autocast)

@@ -199,6 +199,8 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     plan = BatchPlan(data.train, t.per_device_train_batch_size, t.seed, True, packing_len, rank, world)
     eval_plan = None if data.eval is None else BatchPlan(data.eval, t.per_device_eval_batch_size, t.seed, False,
                                                          None, rank, world)
+    if fsdp.fsdp_requested(cfg):
+        fsdp.reshard(model)  # the optimizer holds the shards
     optimizer = build_optimizer(model, cfg)
     total_steps = count_steps(plan, cfg, getattr(objective, "iterations", 1))
     if t.torch_compile:
