@@ -206,6 +206,13 @@ class DeepSpeedStepper(Stepper):
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
+        whole_model = not (hasattr(unwrapped, "peft_config") or hasattr(unwrapped, "load_head"))
+        if self.model.zero_optimization_stage() == 3 and whole_model:
+            # gathered one module at a time into rank 0's CPU memory: the model is never whole on any device
+            state = self.model._zero3_consolidated_16bit_state_dict()
+            if is_main:
+                unwrapped.save_pretrained(folder, state_dict=state, safe_serialization=True)
+            return
         with self.gathered(modify=False):
             super().save_weights(unwrapped, folder, is_main)
 
