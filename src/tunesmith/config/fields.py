@@ -26,8 +26,7 @@ class ModelArgs:
 
     model_name_or_path: str | None = opt(None, "Base model: a local folder (or a hub id when online).")
     adapter_name_or_path: str | None = opt(
-        None, "LoRA adapter folder(s) to load on top of the base model, comma separated, applied in order."
-    )
+        None, "LoRA adapter folder(s) to load on top of the base model, comma separated, applied in order.")
     template: str = opt(
         "auto",
         "Chat template: `auto` uses the tokenizer's own jinja template; or a named one "
@@ -46,11 +45,11 @@ class ModelArgs:
     model_revision: str = opt("main", "Model revision (branch, tag or commit) when loading from a hub.")
     cache_dir: str | None = opt(None, "Where downloaded models are cached (hub models only).")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = opt(
-        "auto", "Attention kernel; `auto` = sdpa, with per-sample attention over packed rows in training."
-    )
+        "auto", "Attention kernel; `auto` = sdpa, with per-sample attention over packed rows in training.")
+    enable_liger_kernel: bool = opt(False, "Training on CUDA GPUs with the liger-kernel package: Liger's fused "
+                                    "linear cross-entropy as the head + loss, and its RMSNorm, SwiGLU and RoPE.")
     infer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
-        "auto", "Weights dtype for inference commands (predict, chat, serve, eval)."
-    )
+        "auto", "Weights dtype for inference commands (predict, chat, serve, eval).")
     infer_backend: Literal["hf", "vllm"] = opt("hf", "Generation engine for predict/chat/serve.")
     vllm_maxlen: int = opt(4096, "vLLM: longest prompt + answer in tokens (its max_model_len).")
     vllm_gpu_util: float = opt(0.9, "vLLM: share of GPU memory it may take (weights, KV cache).")
@@ -125,11 +124,9 @@ class FinetuningArgs:
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(rank)).")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (DoRA).")
     freeze_trainable_layers: int = opt(
-        2, "Freeze tuning: train the last N layers (N > 0) or the first -N layers (N < 0)."
-    )
+        2, "Freeze tuning: train the last N layers (N > 0) or the first -N layers (N < 0).")
     freeze_trainable_modules: str = opt(
-        "all", "Freeze tuning: which modules of the trainable layers train (comma list, or `all`)."
-    )
+        "all", "Freeze tuning: which modules of the trainable layers train (comma list, or `all`).")
     freeze_extra_modules: str | None = opt(
         None, "Freeze tuning: extra non-layer modules that train too (e.g. embed_tokens,norm)."
     )
@@ -366,7 +363,6 @@ NOT_SUPPORTED: dict[str, str] = {
     "rope_scaling": "RoPE scaling overrides are not supported yet",
     "shift_attn": "shift short attention is not supported",
     "use_unsloth": "unsloth kernels are not supported",
-    "enable_liger_kernel": "liger kernels are not supported yet",
     "streaming": "streaming datasets are not supported yet",
     "use_galore": "GaLore is not supported",
     "use_badam": "BAdam is not supported",

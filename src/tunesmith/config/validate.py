@@ -24,11 +24,33 @@ def check_model(cfg: Config) -> list[str]:
     template = template_problem(cfg.model.template)
     if template:
         problems.append(f"`template`: {template}")
+    if cfg.model.enable_liger_kernel:
+        problems += liger_problems()
     tags = [t.strip() for t in cfg.data.reasoning_tags.split(",")]
     if len(tags) != 2 or not all(tags):
         problems.append(f"`reasoning_tags` must be two tags, comma separated (e.g. `<think>,</think>`), got "
                         f"`{cfg.data.reasoning_tags}`")
     return problems
+
+
+LIGER_MIN = (0, 8, 2)  # its fused linear cross-entropy's gradients with reduction="none" are right from 0.8.2
+
+
+def liger_problems() -> list[str]:
+    import importlib.util
+
+    if not _cuda_available():
+        return ["`enable_liger_kernel`: Liger's kernels are Triton kernels for CUDA GPUs and none is visible; remove "
+                "it here (the CPU's head + loss is chunked already)"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ["`enable_liger_kernel` needs the liger-kernel package: pip install 'tunesmith[liger]'"]
+    from importlib.metadata import version
+
+    found = version("liger-kernel")
+    if tuple(int(p) for p in found.split(".")[:3] if p.isdigit()) < LIGER_MIN:
+        return [f"`enable_liger_kernel`: liger-kernel {found} computes wrong gradients for per-token losses; "
+                "pip install 'tunesmith[liger]' (0.8.2 or newer)"]
+    return []
 
 
 def check_data(cfg: Config, need_dataset: bool = True) -> list[str]:

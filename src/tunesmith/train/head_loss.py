@@ -125,9 +125,25 @@ def token_nll(hidden: torch.Tensor, head: "PassThroughHead", targets: torch.Tens
     `summed`: the caller sums the NLL into its loss (pt/sft), so the gradients can be formed in the forward;
     false where positions are weighed differently (dpo's per-sequence terms)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    nll, hits = ChunkedTokenNLL.apply(flat, head.weight, head.bias, targets.reshape(-1),
-                                      chunk_for(head.weight.shape[0]), summed and torch.is_grad_enabled())
+    if head.kernel == "liger":
+        nll, hits = liger_token_nll(flat, head, targets.reshape(-1))
+    else:
+        nll, hits = ChunkedTokenNLL.apply(flat, head.weight, head.bias, targets.reshape(-1),
+                                          chunk_for(head.weight.shape[0]), summed and torch.is_grad_enabled())
     return nll.view(targets.shape), hits.view(targets.shape)
+
+
+def liger_token_nll(flat: torch.Tensor, head: "PassThroughHead",
+                    targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same per-position NLL and hits from Liger's fused linear cross-entropy (Triton, CUDA), which also
+    never forms the whole logits; per-token losses (reduction "none") take any upstream gradient."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    bias = None if head.bias is None else head.bias.to(flat.dtype)
+    out = liger_fused_linear_cross_entropy(flat, head.weight.to(flat.dtype), targets, bias, ignore_index=IGNORE,
+                                           reduction="none", return_predicted_tokens=True)
+    valid = targets != IGNORE
+    return out.loss.float() * valid, (out.predicted_tokens == targets) & valid
 
 
 class PassThroughHead(nn.Module):
@@ -138,6 +154,7 @@ class PassThroughHead(nn.Module):
         self.weight = head.weight
         self.bias = head.bias
         self.passing = False
+        self.kernel = "chunked"  # or "liger" (`enable_liger_kernel`)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.passing else F.linear(hidden, self.weight, self.bias)
@@ -150,9 +167,9 @@ def installed_head(model: Any) -> PassThroughHead | None:
     return head if isinstance(head, PassThroughHead) and head.passing else None
 
 
-def install(model: Any, check: Any) -> bool:
+def install(model: Any, check: Any, kernel: str = "chunked") -> bool:
     """Replace a plain nn.Linear output head by PassThroughHead when `check(model)` (which compares the chunked
-    loss with the plain one) passes; True when installed."""
+    loss with the plain one) passes; True when installed. `kernel`: the head + loss behind it, chunked or liger."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     placed = isinstance(head, PassThroughHead)
@@ -160,14 +177,14 @@ def install(model: Any, check: Any) -> bool:
         return False
     chunked = head if placed else PassThroughHead(head)
     base.set_output_embeddings(chunked)
-    chunked.passing = True
+    chunked.passing, chunked.kernel = True, kernel
     if check(model):
         return True
     if placed:
         chunked.passing = False  # stays in place (a sharded model's modules cannot be swapped), as a plain head
     else:
         base.set_output_embeddings(head)
-    log.warning("the chunked head + loss did not match the plain one on this model; using the plain path")
+    log.warning("the %s head + loss did not match the plain one on this model; using the plain path", kernel)
     return False
 
 

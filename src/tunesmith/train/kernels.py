@@ -3,7 +3,8 @@
 - attention for packed rows (model/attention.py): `cpu`, `sdpa`, `varlen` (PyTorch's, CUDA) or `flash_varlen`
   (the flash_attn package), or transformers' own `flash_attention_2`/`eager`; padded batches where a start-up
   check finds that the model's attention mixes packed samples;
-- head + loss: `chunked` (train/head_loss.py: the logits never exist whole) or the model's `plain` head;
+- head + loss: `chunked` (train/head_loss.py: the logits never exist whole), Liger's fused linear cross-entropy
+  (`enable_liger_kernel`, CUDA) or the model's `plain` head; Liger's norm/MLP/RoPE kernels with it;
 - the last decoder layer at supervised rows only (model/kept_rows.py) where the loop allows it.
 
 The model code and the loop call one function each; nothing else looks at the device to pick a kernel.
@@ -134,9 +135,24 @@ def use_chunked_head(model: Any, cfg: Config, accelerator: Any) -> str:
 
     if zero3_sharded() or cfg.training.torch_compile:
         return "plain"
+    kernel = "liger" if cfg.model.enable_liger_kernel else "chunked"
     with accelerator.autocast():  # as the loop runs it (adapter inputs stay in half precision from here on)
-        installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size))
-    return "chunked" if installed else "plain"
+        installed = head_loss.install(model, lambda m: chunked_head_matches(m, m.config.vocab_size), kernel)
+    return {"chunked": "chunked", "liger": "liger fused linear cross-entropy"}[kernel] if installed else "plain"
+
+
+def use_liger_layers(model: Any, cfg: Config) -> str | None:
+    """Liger's RMSNorm, SwiGLU and RoPE in place of the model's own (`enable_liger_kernel`; its fused linear
+    cross-entropy is the head + loss above). Liger replaces the forward of this model's modules and its modeling
+    module's RoPE function: its documented way of applying itself to a model instance."""
+    if not cfg.model.enable_liger_kernel:
+        return None
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return "liger (RMSNorm, SwiGLU, RoPE where Liger supports " + str(base.config.model_type) + ")"
 
 
 def use_kept_rows(model: Any, cfg: Config, accelerator: Any) -> bool:

@@ -179,6 +179,7 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     plan_memory(cfg, accelerator.num_processes, sequences, accelerator.is_main_process)
     tokenizer, template, data = load_training_data(cfg, stage, accelerator)
     model = load_trainable_model(cfg, accelerator)
+    layers = kernels.use_liger_layers(model, cfg)
     attention = kernels.choose_attention(model, cfg, accelerator.device, compute_dtype(cfg))
     if attention is None:
         if stage.needs_packed_rows:
@@ -188,7 +189,7 @@ def build_setup(cfg: Config, profile: Profile) -> Setup:
     if t.bf16 or t.fp16:  # from here on the model runs under autocast only (the probe above did not)
         keep_adapter_inputs_in_half_precision(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chosen = {"attention": attention or "the model's own, padded batches"}
+    chosen = {"attention": attention or "the model's own, padded batches", **({"layers": layers} if layers else {})}
     inputs = StageInputs(cfg, model, data, accelerator, profile, attention is not None, pad_id, chosen, tokenizer,
                          template)
     model, objective = stage.build(inputs)
