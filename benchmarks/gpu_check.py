@@ -57,7 +57,7 @@ def card_peak() -> float | None:
     return next((v * 1e12 for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
-def step(name: str, args: list[str], out: Path, params: int, expect: str | None = None) -> dict:
+def step(name: str, args: list[str], out: Path, params: int, expect: str | None = None, devices: int = 1) -> dict:
     """One tunesmith command with a timeout; its figures as a JSON line; a failure is recorded, not raised."""
     start = time.time()
     line: dict = {"check": name}
@@ -77,7 +77,8 @@ def step(name: str, args: list[str], out: Path, params: int, expect: str | None 
         tokens_per_s = sum(e["tokens_per_s"] for e in steady) / len(steady)
         line.update(tokens_per_s=round(tokens_per_s), final_loss=entries[-1]["loss"])
         if card_peak():
-            line["mfu"] = round(6 * params * tokens_per_s / card_peak(), 3)  # type: ignore[operator]
+            # tokens/s are every process's together
+            line["mfu"] = round(6 * params * tokens_per_s / (card_peak() * devices), 3)  # type: ignore[operator]
     results = out / "train_results.json"
     if results.is_file():
         line["peak_gpu_memory_gb"] = json.loads(results.read_text()).get("train_peak_gpu_memory_gb")
@@ -115,6 +116,18 @@ def main() -> int:
                                 "learning_rate=1e-4"], work / "qlora", params)
     else:
         print(json.dumps({"check": "sft-qlora-4bit", "ok": None, "skipped": "bitsandbytes not installed (or --smoke)"}))
+    if not args.smoke and importlib.util.find_spec("liger_kernel"):
+        step("sft-lora-liger", [*sft, "finetuning_type=lora", "lora_target=all", "packing=true",
+                                "enable_liger_kernel=true", "learning_rate=1e-4"], work / "liger", params)
+    else:
+        print(json.dumps({"check": "sft-lora-liger", "ok": None, "skipped": "liger-kernel not installed (or --smoke)"}))
+    gpus = torch.cuda.device_count()
+    if args.smoke or gpus >= 2:  # FSDP over every GPU (two gloo processes on a CPU)
+        step("sft-full-fsdp", [*sft, "finetuning_type=full", "fsdp=full_shard", "learning_rate=1e-5",
+                               f"nproc_per_node={2 if args.smoke else gpus}"], work / "fsdp", params,
+             devices=max(gpus, 1))
+    else:
+        print(json.dumps({"check": "sft-full-fsdp", "ok": None, "skipped": "FSDP needs 2 or more GPUs"}))
     step("dpo-lora", ["train", *base, "stage=dpo", "dataset=preference_demo", "finetuning_type=lora",
                       f"max_steps={steps}", "learning_rate=5e-5"], work / "dpo", params)
     step("kto-lora", ["train", *base, "stage=kto", "dataset=kto_demo", "finetuning_type=lora",

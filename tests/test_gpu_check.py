@@ -18,7 +18,7 @@ def test_gpu_check_smoke_runs_every_step_and_passes():
     lines = [json.loads(l) for l in done.stdout.splitlines() if l.startswith("{")]
     checks = {l["check"]: l for l in lines}
     assert done.returncode == 0, done.stdout[-3000:]
-    for name in ("sft-lora-packing-ckpt", "sft-full-packing", "dpo-lora", "kto-lora", "grpo-lora", "resume",
+    for name in ("sft-lora-packing-ckpt", "sft-full-packing", "sft-full-fsdp", "dpo-lora", "kto-lora", "grpo-lora", "resume",
                  "predict-hf"):
         assert checks[name]["ok"] is True, checks[name]
     assert checks["summary"] == {"check": "summary", "ok": True, "failed": []}

@@ -44,8 +44,9 @@ def adopt_accelerate_fsdp(cfg: Config) -> None:
         return
     if cfg.training.fsdp == "no":
         offload = os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true"
-        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("true", "full_shard", "1")
-        cfg.training.fsdp = "offload" if offload else "full_shard" if reshard else "shard_grad_op"
+        # `fsdp_reshard_after_forward` is true/false, or an FSDP1 sharding strategy name
+        keep = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("false", "shard_grad_op", "0")
+        cfg.training.fsdp = "offload" if offload else "shard_grad_op" if keep else "full_shard"
         log.info("accelerate's FSDP config: training with fsdp: %s", cfg.training.fsdp)
     os.environ["ACCELERATE_USE_FSDP"] = "false"
 
