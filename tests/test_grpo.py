@@ -209,3 +209,95 @@ def test_lora_old_logps_keep_the_adapter_and_the_reference_drops_it(tmp_path, ti
             reference = token_logps(model, batch.seqs)[0]
     assert not torch.allclose(policy, reference, atol=1e-3)
     assert torch.allclose(batch.old_logps, policy, atol=1e-5) and torch.allclose(batch.ref_logps, reference, atol=1e-5)
+
+
+def stand_in_vllm(record: dict) -> dict:
+    """Plain-Python stand-ins for the vllm modules (vLLM itself needs a CUDA GPU): they record how grpo drives
+    vLLM and answer with seeded random tokens, some stopped by the end-of-turn token."""
+    import random
+    import types
+
+    class LLM:
+        def __init__(self, **kwargs):
+            record["engine"] = kwargs
+
+        def generate(self, requests, params, lora_request=None, use_tqdm=True):
+            weights = load_file(f"{lora_request.lora_path}/adapter_model.safetensors")
+            record.setdefault("adapters", []).append((lora_request.lora_int_id, lora_request.lora_path,
+                                                      sum(float(v.abs().sum()) for k, v in weights.items()
+                                                          if "lora_B" in k)))
+            record.setdefault("seeds", []).extend(p.seed for p in params)
+            outputs = []
+            for request, p in zip(requests, params):
+                assert request["prompt_token_ids"] and p.max_tokens == 8
+                rng = random.Random(p.seed)
+                ids = [rng.randrange(10, 200) for _ in range(rng.randrange(1, p.max_tokens))]
+                stop = p.stop_token_ids[0]
+                if rng.random() < 0.5:  # stopped at the end of turn; vLLM may leave the stop token out of token_ids
+                    out = types.SimpleNamespace(token_ids=ids, finish_reason="stop", stop_reason=stop)
+                else:
+                    out = types.SimpleNamespace(token_ids=ids + [0] * (p.max_tokens - len(ids)),
+                                                finish_reason="length", stop_reason=None)
+                outputs.append(types.SimpleNamespace(outputs=[out]))
+            return outputs
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+            record["sampling"] = kwargs
+
+    class LoRARequest:
+        def __init__(self, name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = name, lora_int_id, lora_path
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = LoRARequest
+    return {"vllm": vllm, "vllm.lora": types.ModuleType("vllm.lora"), "vllm.lora.request": request}
+
+
+def test_vllm_rollouts_get_the_current_adapter_each_time(tmp_path, tiny_model_dir, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    record: dict = {}
+    for name, module in stand_in_vllm(record).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    out = train(tmp_path, tiny_model_dir, "grpo", "stage=grpo", "infer_backend=vllm", "vllm_gpu_util=0.3",
+                "max_steps=4", "num_generations=4", "per_device_train_batch_size=2", "max_new_tokens=8",
+                "reward_funcs=length_penalty", "learning_rate=1e-2", "logging_steps=1", "temperature=0.7")
+    engine = record["engine"]
+    assert engine["model"] == str(tiny_model_dir) and engine["enable_lora"] and engine["max_lora_rank"] == 16
+    assert engine["gpu_memory_utilization"] == 0.3 and engine["tensor_parallel_size"] == 1
+    sampling = record["sampling"]
+    assert sampling["temperature"] == 0.7 and sampling["stop_token_ids"] and sampling["max_tokens"] == 8
+    ids = [a[0] for a in record["adapters"]]
+    assert ids == [1, 2, 3, 4]  # one rollout per step, each a new adapter id
+    lora_b = [a[2] for a in record["adapters"]]
+    assert lora_b[0] == 0 and all(b > 0 for b in lora_b[1:])  # the policy as trained so far: B starts at zero
+    assert len(set(lora_b)) == 4
+    assert [Path(a[1]).exists() for a in record["adapters"]] == [False, False, False, True]  # old ones removed
+    assert len(record["seeds"]) == len(set(record["seeds"])) == 4 * 8  # every answer its own seed
+    log = [json.loads(l) for l in (out / "trainer_log.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(log) == 4 and all(l["answer_length"] >= 1 for l in log)
+
+
+def test_vllm_rollouts_config_problems(tmp_path, capsys):
+    args = ["train", f"model_name_or_path={TINY_MODEL}", f"dataset_dir={DATA_DIR}", "dataset=arithmetic_demo",
+            "template=chatml", "stage=grpo", f"output_dir={tmp_path / 'o'}", "infer_backend=vllm",
+            "finetuning_type=full"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "needs `finetuning_type: lora`" in err and "`vllm_gpu_util` is 0.9" in err
+
+
+def test_vllm_answers_end_with_the_stop_token_they_stopped_at():
+    from types import SimpleNamespace as Out
+
+    from tunesmith.infer.vllm_rollouts import with_stop_token
+
+    assert with_stop_token(Out(token_ids=[5, 6], finish_reason="stop", stop_reason=2)) == [5, 6, 2]
+    assert with_stop_token(Out(token_ids=[5, 2], finish_reason="stop", stop_reason=2)) == [5, 2]
+    assert with_stop_token(Out(token_ids=[5, 6], finish_reason="length", stop_reason=None)) == [5, 6]
+    assert with_stop_token(Out(token_ids=[5, 6], finish_reason="stop", stop_reason="</s>")) == [5, 6]

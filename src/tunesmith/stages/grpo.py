@@ -1,8 +1,9 @@
 """grpo: group relative policy optimisation, reinforcement learning from reward functions (stages/rewards.py).
 
-For each prompt of a micro-batch the policy samples `num_generations` answers (the hf engine, the policy as it is
-now, sampling with `temperature`/`top_p`/`top_k`, at most `max_new_tokens`, the end-of-turn token kept so that
-stopping is learnt). Each answer's reward is the weighted sum of the reward functions; its advantage is the
+For each prompt of a micro-batch the policy samples `num_generations` answers (the hf engine on the policy as it
+is now, or vLLM with the policy's LoRA adapter handed over before each rollout: `infer_backend: vllm`; sampling
+with `temperature`/`top_p`/`top_k`, at most `max_new_tokens`, the end-of-turn token kept so that stopping is
+learnt). Each answer's reward is the weighted sum of the reward functions; its advantage is the
 reward minus its group's mean, over the group's standard deviation (+1e-4). On every answer token t:
 
     ratio_t = pi(t) / pi_old(t)
@@ -44,6 +45,10 @@ def check(cfg: Config) -> list[str]:
         problems.append(f"`pref_beta` must be 0 or more for grpo, got {f.pref_beta}")
     if f.precompute_ref:
         problems.append("`precompute_ref` does not apply to `stage: grpo` (its answers are new at every step)")
+    if cfg.model.infer_backend == "vllm":
+        from tunesmith.infer.vllm_rollouts import problems as vllm_problems
+
+        problems += vllm_problems(cfg)
     return problems + check_names(f.reward_funcs, f.reward_weights, f.reward_regex)
 
 
@@ -111,6 +116,11 @@ class GRPOObjective:
             f.pref_beta
         self.engine = HFEngine(model, tokenizer, template.stop if template else [],
                                replace(g, do_sample=True, num_beams=1))
+        self.vllm = None  # or vLLM rollouts with the policy's adapter handed over each time (infer/vllm_rollouts.py)
+        if cfg.model.infer_backend == "vllm":
+            from tunesmith.infer.vllm_rollouts import VLLMRollouts
+
+            self.vllm = VLLMRollouts(cfg, model, list(self.engine.config.eos_token_id))
         self.completions_file = out / "completions.jsonl" if out is not None else None
         self.log_every = max(1, cfg.training.logging_steps)
         self.cache: dict[Any, list] = {}  # units -> [rollouts, uses left] while num_iterations > 1
@@ -156,6 +166,9 @@ class GRPOObjective:
         import torch
 
         from tunesmith.train.head_loss import installed_head
+
+        if self.vllm is not None:
+            return self.vllm.generate_ids(prompts, self.rollout_count)
 
         head, was_training = installed_head(self.model), self.model.training
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
