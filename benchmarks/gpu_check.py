@@ -135,6 +135,13 @@ def main() -> int:
     step("grpo-lora", ["train", *base, "stage=grpo", "dataset=arithmetic_demo", "finetuning_type=lora",
                        f"max_steps={max(2, steps // 4)}", "num_generations=4", "max_new_tokens=32",
                        "reward_funcs=regex_format,math_answer", "learning_rate=1e-5"], work / "grpo", params)
+    if importlib.util.find_spec("vllm") and not args.smoke:
+        step("grpo-lora-vllm", ["train", *base, "stage=grpo", "dataset=arithmetic_demo", "finetuning_type=lora",
+                                f"max_steps={max(2, steps // 4)}", "num_generations=4", "max_new_tokens=32",
+                                "reward_funcs=regex_format,math_answer", "learning_rate=1e-5", "infer_backend=vllm",
+                                "vllm_gpu_util=0.3", "vllm_maxlen=2048"], work / "grpo-vllm", params)
+    else:
+        print(json.dumps({"check": "grpo-lora-vllm", "ok": None, "skipped": "vLLM not installed (or --smoke)"}))
     resume_check(base, work, params, steps)
     predict = ["predict", f"model_name_or_path={model}", "template=chatml", "dataset=alpaca_en_demo",
                f"dataset_dir={ROOT / 'data'}", "max_samples=32", "max_new_tokens=16", "per_device_eval_batch_size=16",
