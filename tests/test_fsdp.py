@@ -124,10 +124,10 @@ def test_fsdp_config_problems():
     from tunesmith.train.fsdp import problems
 
     cfg = load_config(["model_name_or_path=m", "output_dir=o", "stage=dpo", "fsdp=full_shard",
-                       "deepspeed=x.json", "quantization_bit=4"])
+                       "finetuning_type=full", "deepspeed=x.json", "quantization_bit=4"])
     found = " | ".join(problems(cfg, 1))
-    for part in ("stage `dpo` is not supported", "`fsdp` and `deepspeed`", "`quantization_bit`",
-                 "this run has one"):
+    for part in ("does not run stage `dpo` with `finetuning_type: full`", "`fsdp` and `deepspeed`",
+                 "`quantization_bit`", "this run has one"):
         assert part in found
     assert problems(load_config(["model_name_or_path=m", "output_dir=o", "fsdp=full_shard"]), 2) == []
     cfg = load_config(["model_name_or_path=m", "output_dir=o", "fsdp=no"])
@@ -160,3 +160,26 @@ def test_fsdp_bf16_with_gradient_checkpointing(tmp_path, tiny_model_dir, data):
                                  "fsdp=full_shard"))])
     assert len(losses(sharded)) == 4
     assert losses(sharded) == pytest.approx(losses(one), rel=1e-3)
+
+
+@pytest.mark.parametrize("stage,dataset,metric", [("dpo", "preference_demo", "rewards/margins"),
+                                                   ("kto", "kto_demo", "rewards/chosen")])
+def test_fsdp_preference_stages_with_lora_equal_one_process(tmp_path, tiny_model_dir, stage, dataset, metric):
+    """dpo and kto under fsdp: the reference is the sharded model with its adapter disabled."""
+    from conftest import DATA_DIR
+
+    def args(out, *extra):
+        return ["train", f"model_name_or_path={tiny_model_dir}", f"dataset_dir={DATA_DIR}", f"dataset={dataset}",
+                "max_samples=16", f"output_dir={out}", f"data_cache_dir={tmp_path / 'cache'}", "template=chatml",
+                f"stage={stage}", "finetuning_type=lora", "lora_target=all", "cutoff_len=96", "max_steps=3",
+                "learning_rate=1e-2", "logging_steps=1", "save_strategy=no", "disable_tqdm=true", "seed=1", *extra]
+
+    one, sharded = tmp_path / "one", tmp_path / "fsdp"
+    if stage == "kto":  # its KL estimate is a mean over each process's batch: compare with 2 data-parallel ones
+        launch([torchrun(2, args(one, "per_device_train_batch_size=2"))])
+    else:
+        launch([[sys.executable, "-m", "tunesmith.cli", *args(one, "per_device_train_batch_size=4")]])
+    launch([torchrun(2, args(sharded, "per_device_train_batch_size=2", "fsdp=full_shard"))])
+    assert len(losses(one)) == 3
+    assert losses(sharded) == pytest.approx(losses(one), rel=1e-5)
+    assert logged(sharded, metric) == pytest.approx(logged(one, metric), rel=1e-4, abs=1e-6)

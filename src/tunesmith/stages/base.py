@@ -33,7 +33,7 @@ class Stage:
     # full/freeze tuning keeps a frozen copy of the model as its reference (the memory estimate counts it)
     keeps_reference: Callable[[Config], bool] = lambda cfg: False
     # runs under `fsdp` (train/fsdp.py): every rank makes the same forwards, and no second model is kept
-    shards: bool = False
+    shards: Callable[[Config], bool] = lambda cfg: False
 
     @property
     def uses_template(self) -> bool:

@@ -85,4 +85,10 @@ def keeps_reference(cfg: Config) -> bool:
     return f.pref_loss not in NO_REFERENCE and f.finetuning_type != "lora" and not f.precompute_ref
 
 
-STAGE = Stage("dpo", rows="pairs", build=build, check=check, needs_packed_rows=True, keeps_reference=keeps_reference)
+def shards(cfg: Config) -> bool:
+    """Under fsdp: LoRA (the reference is the model with its adapter disabled) or a loss without reference."""
+    return cfg.finetuning.finetuning_type == "lora" or cfg.finetuning.pref_loss in NO_REFERENCE
+
+
+STAGE = Stage("dpo", rows="pairs", build=build, check=check, needs_packed_rows=True, keeps_reference=keeps_reference,
+              shards=shards)

@@ -88,4 +88,4 @@ def keeps_reference(cfg: Config) -> bool:
 
 
 STAGE = Stage("kto", rows="feedback", build=build, check=check, needs_packed_rows=True,
-              keeps_reference=keeps_reference)
+              keeps_reference=keeps_reference, shards=lambda cfg: cfg.finetuning.finetuning_type == "lora")

@@ -56,10 +56,11 @@ def problems(cfg: Config, world: int) -> list[str]:
     from tunesmith import stages
 
     t, found = cfg.training, []
-    if not stages.get(cfg.finetuning.stage).shards:
-        shardable = ", ".join(n for n in stages.NAMES if stages.get(n).shards)
-        found.append(f"`fsdp` runs the stages {shardable}; stage `{cfg.finetuning.stage}` is not supported with it "
-                     "yet (use DeepSpeed ZeRO-3: `deepspeed: examples/deepspeed/ds_z3_config.json`)")
+    if not stages.get(cfg.finetuning.stage).shards(cfg):
+        found.append(f"`fsdp` does not run stage `{cfg.finetuning.stage}` with `finetuning_type: "
+                     f"{cfg.finetuning.finetuning_type}` yet: it runs pt and sft, dpo and kto with LoRA (their "
+                     "reference is the model with its adapter disabled); use DeepSpeed ZeRO-3 "
+                     "(`deepspeed: examples/deepspeed/ds_z3_config.json`) for the rest")
     if t.deepspeed:
         found.append("`fsdp` and `deepspeed` both shard the model: set one of them")
     if cfg.model.quantization_bit is not None:
