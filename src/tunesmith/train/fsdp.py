@@ -92,8 +92,14 @@ def load_unsharded(cfg: Config, dtype: torch.dtype, build: Callable[[Any], Any],
                                         revision=m.model_revision, cache_dir=m.cache_dir)
     attn = "sdpa" if m.attn_implementation == "auto" else m.attn_implementation
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
-                                                 trust_remote_code=m.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=m.trust_remote_code)
+        except ValueError as err:  # as load_model: `auto` on a model without an SDPA path takes its eager one
+            if m.attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager",
+                                                     trust_remote_code=m.trust_remote_code)
     model.config.use_cache = False
     return build(model)
 
@@ -138,6 +144,10 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
     if rank != 0:
         model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for module in model.modules():  # buffers where the shards are (NCCL broadcasts device tensors only)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and device.type != "cpu" and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
     for name in buffers:  # rotary frequencies and other buffers that are not in the state dict
         dist.broadcast(model.get_buffer(name), src=0)
     return model
