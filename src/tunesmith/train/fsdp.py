@@ -177,8 +177,7 @@ def to_local_state(value: Any) -> Any:
 
 
 class FSDPStepper(Stepper):
-    """Gradients are reduce-scattered in the backward (only on a step's last micro-batch); clipping sums the
-    squared norms of every rank's shards."""
+    """Gradients are reduce-scattered in the backward; clipping sums the squared norms of every rank's shards."""
 
     owns_backward = True  # the sharded backward is FSDP's own: no parallel passes on top of it
 
@@ -187,9 +186,10 @@ class FSDPStepper(Stepper):
         self.adapter = adapter
 
     def accumulating(self, last: bool) -> Any:
+        """Every micro-batch's gradients are reduce-scattered into the shards: skipping the reduction until the
+        last one would keep whole gradients on every process, the memory FSDP is used to save."""
         import contextlib
 
-        self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def update(self) -> float:
