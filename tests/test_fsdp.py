@@ -193,3 +193,31 @@ def test_fsdp_preference_stages_with_lora_equal_one_process(tmp_path, tiny_model
     assert len(losses(one)) == 2
     assert losses(sharded) == pytest.approx(losses(one), rel=1e-5)
     assert logged(sharded, metric) == pytest.approx(logged(one, metric), rel=1e-4, abs=1e-6)
+
+
+def test_fsdp_grpo_with_lora_samples_and_trains_as_data_parallel(tmp_path, tiny_model_dir, monkeypatch):
+    """grpo under fsdp: generation is collective (a process whose answers are done keeps stepping with the
+    others), and the same seeds give the same answers and losses as 2 data-parallel processes."""
+    import os
+
+    from conftest import DATA_DIR
+
+    # a reward that differs between a random model's answers (they all run to max_new_tokens)
+    (tmp_path / "chars_reward.py").write_text("def chars(prompts, completions, answers, **columns):\n"
+                                              "    return [len(set(c)) / 10 for c in completions]\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    def args(out, *extra):
+        return ["train", f"model_name_or_path={tiny_model_dir}", f"dataset_dir={DATA_DIR}", "dataset=arithmetic_demo",
+                f"output_dir={out}", f"data_cache_dir={tmp_path / 'cache'}", "template=chatml", "stage=grpo",
+                "finetuning_type=lora", "max_steps=2", "num_generations=3", "per_device_train_batch_size=1",
+                "max_new_tokens=8", "reward_funcs=chars_reward:chars", "learning_rate=1e-2", "logging_steps=1",
+                "pref_beta=0.1", "save_strategy=no", "disable_tqdm=true", "seed=1", *extra]
+
+    ddp, sharded = tmp_path / "ddp", tmp_path / "fsdp"
+    launch([torchrun(2, args(ddp))])
+    launch([torchrun(2, args(sharded, "fsdp=full_shard"))])
+    assert len(losses(ddp)) == 2
+    assert logged(ddp, "grad_norm")[0] > 0 and logged(ddp, "kl")[1] > 0  # it trains, against the reference
+    for key in ("loss", "reward", "answer_length", "kl", "grad_norm"):
+        assert logged(sharded, key) == pytest.approx(logged(ddp, key), rel=1e-5, abs=1e-6), key

@@ -26,6 +26,15 @@ def stop_ids(tokenizer: Any, stops: list[str]) -> list[int]:
     return ids
 
 
+def sharded_across_processes(model: Any) -> bool:
+    """A model sharded by tunesmith's FSDP (train/fsdp.py) over several processes: every forward is collective,
+    so a process whose answers are done keeps stepping until every process is done (generate's synced_gpus)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class HFEngine:
     def __init__(self, model: Any, tokenizer: Any, stops: list[str], args: GenerationArgs):
         from transformers import GenerationConfig
@@ -68,8 +77,7 @@ class HFEngine:
             for row, i in enumerate(chunk):  # left padding: every prompt ends at the same position
                 ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
                 mask[row, width - len(prompt_ids[i]) :] = 1
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      generation_config=self.config)
+            out = self.run_generate(ids.to(device), mask.to(device))
             for row, i in enumerate(chunk):
                 new = out[row, width:].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), len(new))
@@ -77,6 +85,18 @@ class HFEngine:
             bar.update(len(chunk))
         bar.close()
         return results
+
+    def run_generate(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not sharded_across_processes(self.model):
+            return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config)
+        # peft's generate calls the model inside it, past the hooks that gather the outermost FSDP group's weights
+        # (embeddings, norm, head): gather them for the whole generation
+        self.model.unshard()
+        try:
+            return self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.config,
+                                       synced_gpus=True)
+        finally:
+            self.model.reshard()
 
     def generate(self, prompts: list[str], batch_size: int, progress: bool = False) -> list[Generation]:
         prompt_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]

@@ -271,4 +271,4 @@ def keeps_reference(cfg: Config) -> bool:
 
 
 STAGE = Stage("grpo", rows="prompts", build=build, check=check, needs_packed_rows=True,
-              keeps_reference=keeps_reference)
+              keeps_reference=keeps_reference, shards=lambda cfg: not keeps_reference(cfg))

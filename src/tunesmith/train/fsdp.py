@@ -58,9 +58,12 @@ def problems(cfg: Config, world: int) -> list[str]:
     t, found = cfg.training, []
     if not stages.get(cfg.finetuning.stage).shards(cfg):
         found.append(f"`fsdp` does not run stage `{cfg.finetuning.stage}` with `finetuning_type: "
-                     f"{cfg.finetuning.finetuning_type}` yet: it runs pt and sft, dpo and kto with LoRA (their "
-                     "reference is the model with its adapter disabled); use DeepSpeed ZeRO-3 "
-                     "(`deepspeed: examples/deepspeed/ds_z3_config.json`) for the rest")
+                     f"{cfg.finetuning.finetuning_type}` yet: it runs pt and sft, and dpo, kto and grpo with LoRA "
+                     "(their reference is the model with its adapter disabled) or without a reference; use "
+                     "DeepSpeed ZeRO-3 (`deepspeed: examples/deepspeed/ds_z3_config.json`) for the rest")
+    if cfg.model.infer_backend == "vllm":
+        found.append("`fsdp` with `infer_backend: vllm` (grpo's vLLM rollouts) is not supported: vLLM would need the "
+                     "whole adapter on every process; use data parallelism or `infer_backend: hf`")
     if t.deepspeed:
         found.append("`fsdp` and `deepspeed` both shard the model: set one of them")
     if cfg.model.quantization_bit is not None:
