@@ -144,8 +144,8 @@ def shard(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
     # the embeddings, final norm and output head stay gathered from the forward to the end of the backward, which
     # needs them first (head) and last (embeddings); so the chunked head + loss can use the head after the forward
     fully_shard(model, **{**options, "reshard_after_forward": False})
-    if rank != 0:
-        model.to_empty(device=device)
+    if rank != 0:  # the shards live on the device, or in CPU memory with offload
+        model.to_empty(device=torch.device("cpu") if t.fsdp == "offload" else device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for module in model.modules():  # buffers where the shards are (NCCL broadcasts device tensors only)
         for name, buffer in list(module.named_buffers(recurse=False)):
