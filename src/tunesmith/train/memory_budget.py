@@ -226,6 +226,10 @@ def estimate(shape: Shape, cfg: Config, tokens: int, checkpointing: bool, world:
     # holds them with one temporary of the same size (AdamW's foreach square root)
     grads_in_pass = cfg.training.gradient_accumulation_steps > 1 or several_passes
     weights = weight_bytes(shape, cfg) / w_div
+    if t.fsdp != "no" and w_div > 1:  # the outermost group whole through the step, one decoder layer gathered
+        linear = shape.layers * shape.layer_linear_params()
+        whole = (shape.params() - linear) + linear / shape.layers
+        weights += weight_bytes(shape, cfg) * whole / shape.params() * (1 - 1 / w_div)
     if stages.get(f.stage).keeps_reference(cfg):
         weights += weight_bytes(shape, cfg) / w_div  # the frozen reference copy
     kind = "lora" if f.finetuning_type == "lora" else "full"
