@@ -60,6 +60,18 @@ def is_quantized(model: Any) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(model.config, "quantization_config", None))
 
 
+def with_attention(cfg: Config, load: Any) -> Any:
+    """`load(attention)` with the configured attention; under `auto`, a model without an SDPA path in
+    transformers (Gemma 2) gets its eager attention."""
+    try:
+        return load(_attn(cfg))
+    except ValueError as err:
+        if cfg.model.attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
+            raise
+        log.info("this model has no SDPA attention in transformers; loading it with eager attention")
+        return load("eager")
+
+
 def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -71,13 +83,7 @@ def load_model(cfg: Config, dtype: Any, for_training: bool, compute_dtype: Any =
             cache_dir=cfg.model.cache_dir, attn_implementation=attn, **quantized)
 
     try:
-        try:
-            model = load(_attn(cfg))
-        except ValueError as err:  # `auto` on a model without an SDPA path (Gemma 2): its eager attention
-            if cfg.model.attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
-                raise
-            log.info("this model has no SDPA attention in transformers; loading it with eager attention")
-            model = load("eager")
+        model = with_attention(cfg, load)
     except (OSError, ValueError) as err:
         raise ConfigError([f"`model_name_or_path`: could not load a model from `{path}`: "
                            f"{str(err).splitlines()[0]}; point it at a model folder (config.json and weights)"]) from None

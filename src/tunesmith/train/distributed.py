@@ -174,6 +174,11 @@ class Stepper:
         self.optimizer.load_state_dict(safe_load(folder / "optimizer.pt"))
 
 
+def holds_adapter(model: Any) -> bool:
+    """A peft model, or a reward model around one: its checkpoints hold the trainable tensors only."""
+    return hasattr(model, "peft_config") or hasattr(getattr(model, "lm", None), "peft_config")
+
+
 class DeepSpeedStepper(Stepper):
     """DeepSpeed's engine owns reduction, clipping and the optimizer step; its optimizer state is sharded, so
     every rank saves its own shard (checkpoint-N/deepspeed/)."""
@@ -201,12 +206,12 @@ class DeepSpeedStepper(Stepper):
         import deepspeed
 
         params = list(self.model.module.parameters())
-        if hasattr(self.model.module, "peft_config") or hasattr(getattr(self.model.module, "lm", None), "peft_config"):
+        if holds_adapter(self.model.module):
             params = [p for p in params if p.requires_grad]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
-        whole_model = not (hasattr(unwrapped, "peft_config") or hasattr(unwrapped, "load_head"))
+        whole_model = not (holds_adapter(unwrapped) or hasattr(unwrapped, "load_head"))  # not a reward model
         if self.model.zero_optimization_stage() == 3 and whole_model:
             # gathered one module at a time into rank 0's CPU memory: the model is never whole on any device
             state = self.model._zero3_consolidated_16bit_state_dict()

@@ -84,7 +84,7 @@ def problems(cfg: Config, world: int) -> list[str]:
 def load_unsharded(cfg: Config, dtype: torch.dtype, build: Callable[[Any], Any], rank: int) -> Any:
     """Rank 0 loads the weights on the CPU; the other ranks build the same model on the meta device. `build`
     adds what trains (LoRA, freeze, full) to either."""
-    from tunesmith.model.loading import load_model
+    from tunesmith.model.loading import load_model, with_attention
 
     if rank == 0:
         return build(load_model(cfg, dtype, for_training=True))
@@ -93,16 +93,9 @@ def load_unsharded(cfg: Config, dtype: torch.dtype, build: Callable[[Any], Any],
     m = cfg.model
     config = AutoConfig.from_pretrained(m.model_name_or_path, trust_remote_code=m.trust_remote_code,
                                         revision=m.model_revision, cache_dir=m.cache_dir)
-    attn = "sdpa" if m.attn_implementation == "auto" else m.attn_implementation
     with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
-                                                     trust_remote_code=m.trust_remote_code)
-        except ValueError as err:  # as load_model: `auto` on a model without an SDPA path takes its eager one
-            if m.attn_implementation != "auto" or "scaled_dot_product_attention" not in str(err):
-                raise
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager",
-                                                     trust_remote_code=m.trust_remote_code)
+        model = with_attention(cfg, lambda attn: AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn, trust_remote_code=m.trust_remote_code))
     model.config.use_cache = False
     return build(model)
 
@@ -207,8 +200,8 @@ class FSDPStepper(Stepper):
 
     def save_weights(self, unwrapped: Any, folder: Path, is_main: bool) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        reshard(self.model)
 
+        reshard(self.model)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.adapter)
         state = get_model_state_dict(self.model, options=options)  # collective; whole tensors on rank 0 only
         if is_main:
@@ -217,8 +210,8 @@ class FSDPStepper(Stepper):
     def load_weights(self, unwrapped: Any, folder: Path) -> None:
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        reshard(self.model)
 
+        reshard(self.model)
         saved: dict[str, torch.Tensor] = {}
         for file in sorted(folder.glob("adapter_model.safetensors" if self.adapter else "model*.safetensors")):
             saved.update(load_file(file))
@@ -238,8 +231,8 @@ class FSDPStepper(Stepper):
     def save_optimizer(self, folder: Path, is_main: bool) -> None:
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-        reshard(self.model)
 
+        reshard(self.model)
         state = to_local_state(get_optimizer_state_dict(self.model, self.optimizer))
         (folder / OPTIMIZER_FOLDER).mkdir(exist_ok=True)
         torch.save({"world_size": dist.get_world_size(), "state": state},
@@ -249,10 +242,10 @@ class FSDPStepper(Stepper):
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         from torch.distributed.tensor import DTensor
-        reshard(self.model)
 
         from tunesmith.train.checkpoint import safe_load
 
+        reshard(self.model)
         file = folder / OPTIMIZER_FOLDER / f"optimizer_rank{dist.get_rank()}.pt"
         if not file.is_file():
             raise ConfigError([f"{folder} has no {OPTIMIZER_FOLDER}/{file.name}: it was not saved by an fsdp run "
